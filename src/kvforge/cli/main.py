@@ -1,0 +1,165 @@
+"""The ``kvforge`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvforge.blocks import HASH_ALGOS, BlockHasher, LoRA, event_hash, validate_cache_salt
+from kvforge.errors import KvforgeError
+from kvforge.tokenize import PromptTokenizer, TokenizedPrompt
+
+app = typer.Typer(
+    name="kvforge",
+    help="Exact KV-cache reuse analysis for multi-agent LLM pipelines (vLLM-identical hashes).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Exact KV-cache reuse analysis for multi-agent LLM pipelines (vLLM-identical hashes)."""
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _read_json_arg(value: str, what: str) -> Any:
+    """A JSON literal, a path to a JSON file, or ``-`` for standard input."""
+    if value == "-":
+        raw = sys.stdin.read()
+    elif value.lstrip().startswith(("[", "{")):
+        raw = value
+    else:
+        p = Path(value)
+        if not p.is_file():
+            _fail(f"{what}: {value!r} is neither JSON nor a readable file")
+        raw = p.read_text("utf-8")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        _fail(f"{what}: invalid JSON ({exc})")
+
+
+@app.command("hash")
+def hash_cmd(
+    text: Annotated[str | None, typer.Option("--text", help="Prompt text (as /v1/completions).")] = None,
+    token_ids: Annotated[
+        str | None,
+        typer.Option("--token-ids", help="Token ids: a JSON list, or a file holding one."),
+    ] = None,
+    messages: Annotated[
+        str | None,
+        typer.Option(
+            "--messages",
+            help="Chat messages file (JSON list, or an object with 'messages' and 'tools'); "
+            "rendered with the model's chat template as /v1/chat/completions does.",
+        ),
+    ] = None,
+    algo: Annotated[str, typer.Option("--algo", help=f"One of {', '.join(HASH_ALGOS)}.")] = "sha256",
+    block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
+    hash_seed: Annotated[
+        str | None, typer.Option("--hash-seed", help="The engine's PYTHONHASHSEED (unset: omit).")
+    ] = None,
+    cache_salt: Annotated[str | None, typer.Option("--cache-salt")] = None,
+    lora_name: Annotated[str | None, typer.Option("--lora-name")] = None,
+    lora_path: Annotated[str | None, typer.Option("--lora-path")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Local tokenizer.json (default: Qwen3).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print the vLLM prefix-cache hash of every full block of a prompt."""
+    given = [x is not None for x in (text, token_ids, messages)]
+    if sum(given) != 1:
+        _fail("give exactly one of --text, --token-ids, --messages")
+    if (lora_name is None) != (lora_path is None):
+        _fail("--lora-name and --lora-path go together")
+    try:
+        hasher = BlockHasher(algo, block_size=block_size, hash_seed=hash_seed)
+        salt = validate_cache_salt(cache_salt)
+        lora = LoRA.coerce((lora_name, lora_path)) if lora_name else None
+        tk = PromptTokenizer.resolve(tokenizer)
+        tp: TokenizedPrompt
+        if text is not None:
+            tp = tk.encode_text(text)
+        elif token_ids is not None:
+            ids = _read_json_arg(token_ids, "--token-ids")
+            if not isinstance(ids, list):
+                _fail("--token-ids must be a JSON list of integers")
+            tp = tk.encode_ids(ids)
+        else:
+            assert messages is not None
+            body = _read_json_arg(messages, "--messages")
+            tools = None
+            if isinstance(body, dict):
+                tools = body.get("tools")
+                body = body.get("messages")
+            if not isinstance(body, list):
+                _fail("--messages must hold a list of messages or {'messages': [...]}")
+            tp = tk.encode_chat(body, tools=tools)
+        chain = hasher.chain(tp.token_ids, cache_salt=salt, lora=lora)
+    except KvforgeError as exc:
+        _fail(str(exc))
+        return
+    bs = hasher.block_size
+    rows = []
+    for i, h in enumerate(chain):
+        span = tp.char_span(i * bs, (i + 1) * bs)
+        block_text = (
+            tp.text[span[0] : span[1]]
+            if span is not None and tp.text is not None
+            else tk.decode(tp.token_ids[i * bs : (i + 1) * bs])
+        )
+        rows.append(
+            {
+                "index": i,
+                "start": i * bs,
+                "hash_hex": h.hex(),
+                "event_hash": event_hash(h),
+                "text": block_text,
+            }
+        )
+    if as_json:
+        sys.stdout.write(json.dumps({"num_tokens": len(tp), "blocks": rows}, ensure_ascii=False))
+        sys.stdout.write("\n")
+        return
+    console = Console()
+    table = Table(
+        title=f"{len(tp)} tokens → {len(rows)} full blocks of {bs} "
+        f"({algo}, seed {'unset' if hash_seed is None else repr(hash_seed)}"
+        f"{', salt ' + repr(salt) if salt else ''}{', LoRA ' + lora.name if lora else ''})",
+        title_justify="left",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("start", justify="right")
+    table.add_column("hash")
+    table.add_column("event u64", justify="right")
+    table.add_column("text", overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r["index"]), str(r["start"]), r["hash_hex"][:16] + "…", str(r["event_hash"]),
+            repr(r["text"]),
+        )  # fmt: skip
+    console.print(table)
+    tail = len(tp) - len(rows) * bs
+    if tail:
+        console.print(f"[dim]{tail} trailing tokens form a partial block: vLLM never hashes it.[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Who holds which blocks: one interface (``BlockIndex``), several backends."""
+
+from kvforge.index.base import (
+    BlockIndex,
+    IndexStats,
+    LookupResult,
+    OwnerInfo,
+    PutResult,
+    is_excluded,
+)
+from kvforge.index.memory import MemoryIndex
+from kvforge.index.table import U64Table
+
+__all__ = [
+    "BlockIndex",
+    "IndexStats",
+    "LookupResult",
+    "MemoryIndex",
+    "OwnerInfo",
+    "PutResult",
+    "U64Table",
+    "is_excluded",
+]

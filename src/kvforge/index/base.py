@@ -1,0 +1,107 @@
+"""The index interface every backend implements, and the values it returns.
+
+An index holds, per tenant, which owners (agents, role-suffixed agents, sessions) hold which
+blocks. Tenants never see each other: every method takes the tenant, and a backend must keep
+their data disjoint. Owner names are opaque strings; ``exclude`` filters an owner ``a`` and
+every role-suffixed ``a:<role>``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvforge.blocks.sequence import BlockSequence
+
+
+def is_excluded(owner: str, exclude: str | None) -> bool:
+    """``exclude="a1"`` hides ``a1`` and role-suffixed owners such as ``a1:system``."""
+    return exclude is not None and (owner == exclude or owner.startswith(exclude + ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerInfo:
+    """What an owner last indexed (its previous prompt is replaced on re-index)."""
+
+    owner: str
+    num_tokens: int
+    num_blocks: int
+    cache_salt: str | None = None
+    lora_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    num_blocks: int
+    new_blocks: int  # blocks nobody in the tenant held before
+    shared_blocks: int  # blocks already held by another owner (prefix-valid)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """What the index knows about a query's blocks (after exclusion).
+
+    * ``prefix_by_owner[o]`` = number of leading query blocks whose chain hash ``o`` holds;
+      owners with 0 are absent. ``exact_blocks`` = the maximum (0 when empty).
+    * ``exact_runs``: ``(start, end, owners)`` covering blocks ``[0, exact_blocks)``; every block
+      of a run is held by exactly ``owners`` (sorted).
+    * ``moved[i] = (owners, sources)`` for blocks ``i >= exact_blocks`` whose tokens equal an
+      aligned block of some indexed prompt (at another position or after another prefix);
+      ``sources`` lists up to ``MAX_SOURCES`` ``(owner, block position)`` pairs.
+    """
+
+    exact_blocks: int
+    prefix_by_owner: dict[str, int]
+    exact_runs: list[tuple[int, int, tuple[str, ...]]]
+    moved: dict[int, tuple[tuple[str, ...], tuple[tuple[str, int], ...]]] = field(
+        default_factory=dict
+    )
+    deepest_hash_block: int = 0  # leading blocks held by anyone, exclusion ignored
+
+
+MAX_SOURCES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    tenants: int
+    owners: int
+    blocks: int  # distinct chain blocks
+    owner_blocks: int  # sum over owners of their blocks (what index_prompt indexed)
+    contents: int  # distinct block contents
+    nbytes: int  # approximate memory held by the index structures
+
+
+class BlockIndex(ABC):
+    """Per-tenant block ownership. Implementations need not be thread-safe: ``Matcher``
+    serializes calls. Costs below are for the in-memory backend."""
+
+    @abstractmethod
+    def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
+        """Make ``seq`` the owner's prompt, replacing any earlier one. O(blocks). Either
+        everything is applied or (on error) nothing."""
+
+    @abstractmethod
+    def remove(self, tenant: str, owner: str) -> int:
+        """Forget the owner; blocks other owners hold stay. Returns the owner's block count
+        (0 when unknown). O(owner's blocks)."""
+
+    @abstractmethod
+    def lookup(self, tenant: str, seq: BlockSequence, *, exclude: str | None = None) -> LookupResult:
+        """Exact prefix holders and moved content for a query. O(query blocks + owners
+        reported); independent of the index size."""
+
+    @abstractmethod
+    def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:
+        """Tokens of block ``block`` of the owner's prompt, or None past its end."""
+
+    @abstractmethod
+    def owner_info(self, tenant: str, owner: str) -> OwnerInfo | None: ...
+
+    @abstractmethod
+    def owners(self, tenant: str) -> list[str]: ...
+
+    @abstractmethod
+    def stats(self) -> IndexStats: ...

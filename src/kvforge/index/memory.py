@@ -1,0 +1,410 @@
+"""The embedded default backend: compact numpy arrays per tenant.
+
+Layout of one tenant (all ids are dense int32, freed ids are reused):
+
+* **chain blocks** — one row per distinct chain hash: u64 key, parent block, content id,
+  depth (block position), first owner, owner count. ``chain`` maps key → block id.
+  Owners of a block are ``{first owner}`` or, when shared, a set in ``_block_owners``.
+  Because a chain hash fixes the whole prefix, an owner holding block ``i`` holds its
+  ancestors too: owner sets only shrink along a chain, which lookups exploit.
+* **contents** — one row per distinct block token tuple: u64 content key, the tokens (stored
+  once, whatever the number of owners or positions), and the chain blocks that carry it.
+* **owners** — name ↔ id, and per owner an int32 array of its chain blocks in order.
+
+A chain match is accepted only when the key, the parent block and the (token-verified)
+content all agree, so a 64-bit key collision can never produce a false "exact".
+"""
+
+from __future__ import annotations
+
+import sys
+from bisect import bisect_right
+
+import numpy as np
+
+from kvforge.blocks.sequence import BlockSequence
+from kvforge.errors import HashCollisionError
+from kvforge.index.base import (
+    MAX_SOURCES,
+    BlockIndex,
+    IndexStats,
+    LookupResult,
+    OwnerInfo,
+    PutResult,
+    is_excluded,
+)
+from kvforge.index.table import U64Table
+
+
+def _grow(arr: np.ndarray, need: int, fill: int = 0) -> np.ndarray:
+    if need <= arr.shape[0]:
+        return arr
+    cap = max(need, arr.shape[0] + arr.shape[0] // 2, 64)
+    out = np.full((cap, *arr.shape[1:]), fill, dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+class _IdPool:
+    """Dense ids with reuse of freed ones."""
+
+    __slots__ = ("free", "high")
+
+    def __init__(self) -> None:
+        self.free: list[int] = []
+        self.high = 0
+
+    def take(self, n: int) -> np.ndarray:
+        reuse = self.free[-n:] if n else []
+        if reuse:
+            del self.free[-len(reuse) :]
+        fresh = np.arange(self.high, self.high + n - len(reuse), dtype=np.int32)
+        self.high += n - len(reuse)
+        return np.concatenate([np.asarray(reuse, dtype=np.int32), fresh])
+
+    def give(self, ids: np.ndarray) -> None:
+        self.free.extend(ids.tolist())
+
+
+class _Tenant:
+    def __init__(self, block_size: int) -> None:
+        self.bs = block_size
+        self.chain = U64Table()
+        self.content = U64Table()
+        # chain blocks
+        self.b_ids = _IdPool()
+        self.b_key = np.zeros(0, dtype=np.uint64)
+        self.b_parent = np.zeros(0, dtype=np.int32)
+        self.b_content = np.zeros(0, dtype=np.int32)
+        self.b_depth = np.zeros(0, dtype=np.int32)
+        self.b_owner = np.zeros(0, dtype=np.int32)
+        self.b_nown = np.zeros(0, dtype=np.int32)
+        self.block_owners: dict[int, set[int]] = {}
+        # contents
+        self.c_ids = _IdPool()
+        self.c_key = np.zeros(0, dtype=np.uint64)
+        self.c_tokens = np.zeros((0, block_size), dtype=np.uint32)
+        self.c_refs = np.zeros(0, dtype=np.int32)
+        self.c_block = np.zeros(0, dtype=np.int32)
+        self.content_blocks: dict[int, set[int]] = {}
+        # owners
+        self.owner_id: dict[str, int] = {}
+        self.owner_name: dict[int, str] = {}
+        self.o_ids = _IdPool()
+        self.owner_blocks: dict[int, np.ndarray] = {}
+        self.owner_info: dict[int, OwnerInfo] = {}
+
+    # ---- helpers ------------------------------------------------------------------------
+    def owners_of(self, b: int) -> set[int] | tuple[int]:
+        s = self.block_owners.get(b)
+        return s if s is not None else (int(self.b_owner[b]),)
+
+    def _content_ids(self, seq: BlockSequence) -> np.ndarray:
+        """Content id per query block, -1 where unknown (token-verified)."""
+        cids = self.content.get(seq.content_keys)
+        known = np.flatnonzero(cids >= 0)
+        if known.size:
+            same = (self.c_tokens[cids[known]] == seq.tokens[known]).all(axis=1)
+            cids[known[~same]] = -1
+        return cids
+
+    def _chain_prefix(self, seq: BlockSequence, cids: np.ndarray) -> tuple[np.ndarray, int]:
+        """Block ids of the query's chain and how many leading ones are verified."""
+        bids = self.chain.get(seq.chain_keys)
+        n = bids.shape[0]
+        if n == 0:
+            return bids, 0
+        ok = bids >= 0
+        b = np.where(ok, bids, 0)
+        if self.b_key.shape[0]:
+            expected_parent = np.concatenate([[-1], bids[:-1]]).astype(np.int32)
+            ok &= (self.b_content[b] == cids) & (cids >= 0) & (self.b_parent[b] == expected_parent)
+        else:
+            ok[:] = False
+        bad = np.flatnonzero(~ok)
+        return bids, int(bad[0]) if bad.size else n
+
+    # ---- mutation -----------------------------------------------------------------------
+    def validate(self, seq: BlockSequence) -> None:
+        """Raise before any mutation if ``seq`` collides with stored keys."""
+        keys, first = np.unique(seq.content_keys, return_index=True)
+        if keys.size != seq.content_keys.size:
+            _, inv = np.unique(seq.content_keys, return_inverse=True)
+            if not (seq.tokens == seq.tokens[first][inv]).all():
+                raise HashCollisionError("two different blocks of one prompt share a content key")
+        cids = self.content.get(seq.content_keys)
+        known = np.flatnonzero(cids >= 0)
+        if known.size and not (self.c_tokens[cids[known]] == seq.tokens[known]).all():
+            raise HashCollisionError("a block's content key collides with a stored block")
+        if np.unique(seq.chain_keys).size != seq.chain_keys.size:
+            raise HashCollisionError("two blocks of one prompt share a chain key")
+        bids, k = self._chain_prefix(seq, cids)
+        if (bids[k:] >= 0).any():
+            raise HashCollisionError("a chain key collides with a stored block of another prefix")
+
+    def put(self, oid: int, seq: BlockSequence) -> tuple[int, int]:
+        n = seq.num_blocks
+        # contents: one row per distinct token tuple
+        ukeys, first, inv = np.unique(seq.content_keys, return_index=True, return_inverse=True)
+        ucids = self.content.get(ukeys)
+        missing = np.flatnonzero(ucids < 0)
+        if missing.size:
+            new = self.c_ids.take(missing.size)
+            hi = int(new.max()) + 1
+            self.c_key = _grow(self.c_key, hi)
+            self.c_tokens = _grow(self.c_tokens, hi)
+            self.c_refs = _grow(self.c_refs, hi)
+            self.c_block = _grow(self.c_block, hi, -1)
+            self.c_key[new] = ukeys[missing]
+            self.c_tokens[new] = seq.tokens[first[missing]]
+            self.c_refs[new] = 0
+            self.content.insert(ukeys[missing], new)
+            ucids[missing] = new
+        cids = ucids[inv].astype(np.int32)
+        # chain: the held prefix gains an owner, the rest are new blocks
+        bids, k = self._chain_prefix(seq, cids)
+        shared = bids[:k]
+        for b in shared.tolist():
+            s = self.block_owners.get(b)
+            if s is None:
+                self.block_owners[b] = {int(self.b_owner[b]), oid}
+            else:
+                s.add(oid)
+        self.b_nown[shared] += 1
+        if k < n:
+            new = self.b_ids.take(n - k)
+            hi = int(new.max()) + 1
+            self.b_key = _grow(self.b_key, hi)
+            self.b_parent = _grow(self.b_parent, hi, -1)
+            self.b_content = _grow(self.b_content, hi, -1)
+            self.b_depth = _grow(self.b_depth, hi)
+            self.b_owner = _grow(self.b_owner, hi, -1)
+            self.b_nown = _grow(self.b_nown, hi)
+            self.b_key[new] = seq.chain_keys[k:]
+            parents = np.empty(n - k, dtype=np.int32)
+            parents[0] = bids[k - 1] if k else -1
+            parents[1:] = new[:-1]
+            self.b_parent[new] = parents
+            self.b_content[new] = cids[k:]
+            self.b_depth[new] = np.arange(k, n, dtype=np.int32)
+            self.b_owner[new] = oid
+            self.b_nown[new] = 1
+            self.chain.insert(seq.chain_keys[k:], new)
+            for c, b in zip(cids[k:].tolist(), new.tolist(), strict=True):
+                self._link_content(c, b)
+            bids = np.concatenate([shared, new]).astype(np.int32)
+        self.owner_blocks[oid] = bids.astype(np.int32)
+        return n - k, k
+
+    def _link_content(self, c: int, b: int) -> None:
+        refs = int(self.c_refs[c])
+        if refs == 0:
+            self.c_block[c] = b
+        elif refs == 1:
+            self.content_blocks[c] = {int(self.c_block[c]), b}
+        else:
+            self.content_blocks[c].add(b)
+        self.c_refs[c] = refs + 1
+
+    def _unlink_content(self, c: int, b: int) -> bool:
+        """Drop block ``b`` from content ``c``; True when the content is now unused."""
+        refs = int(self.c_refs[c]) - 1
+        self.c_refs[c] = refs
+        if refs == 0:
+            return True
+        s = self.content_blocks[c]
+        s.discard(b)
+        if refs == 1:
+            self.c_block[c] = s.pop()
+            del self.content_blocks[c]
+        elif self.c_block[c] == b:
+            self.c_block[c] = next(iter(s))
+        return False
+
+    def remove(self, oid: int) -> int:
+        bids = self.owner_blocks.pop(oid)
+        for b in bids.tolist():
+            s = self.block_owners.get(b)
+            if s is None:
+                continue
+            s.discard(oid)
+            if len(s) == 1:
+                self.b_owner[b] = s.pop()
+                del self.block_owners[b]
+            elif self.b_owner[b] == oid:
+                self.b_owner[b] = next(iter(s))
+        self.b_nown[bids] -= 1
+        freed = bids[self.b_nown[bids] == 0]
+        if freed.size:
+            self.chain.delete(self.b_key[freed])
+            dead = [
+                c
+                for c, b in zip(self.b_content[freed].tolist(), freed.tolist(), strict=True)
+                if self._unlink_content(c, b)
+            ]
+            if dead:
+                d = np.asarray(dead, dtype=np.int32)
+                self.content.delete(self.c_key[d])
+                self.c_ids.give(d)
+            self.b_owner[freed] = -1
+            self.b_ids.give(freed)
+        return int(bids.size)
+
+    # ---- query --------------------------------------------------------------------------
+    def lookup(self, seq: BlockSequence, exclude: str | None) -> LookupResult:
+        n = seq.num_blocks
+        if n == 0 or not self.owner_blocks:
+            return LookupResult(0, {}, [])
+        cids = self._content_ids(seq)
+        bids, deep = self._chain_prefix(seq, cids)
+        chain_b = bids[:deep]
+        names = self.owner_name
+        depth: dict[str, int] = {}
+        runs: list[tuple[int, int, tuple[str, ...]]] = []
+        if deep:
+            # Owner sets shrink along the chain; they change only where the count changes.
+            nown = self.b_nown[chain_b]
+            cps = np.flatnonzero(nown[:-1] != nown[1:]).tolist() + [deep - 1]
+            prev: set[int] = set()
+            for i in reversed(cps):
+                cur = set(self.owners_of(int(chain_b[i])))
+                for o in cur - prev:
+                    name = names[o]
+                    if not is_excluded(name, exclude):
+                        depth[name] = i + 1
+                prev = cur
+            # Runs of identical owner sets: the owners of blocks [.., end) are those whose depth
+            # is >= end, i.e. a prefix of the owners sorted by decreasing depth.
+            ranked = sorted(depth.items(), key=lambda kv: (-kv[1], kv[0]))
+            order = [name for name, _ in ranked]
+            depths = [-d for _, d in ranked]  # ascending, for bisect
+            start = 0
+            for i in cps:
+                end = i + 1
+                m = bisect_right(depths, -end)
+                if m:
+                    owners = tuple(order[:m])
+                    if runs and runs[-1][2] == owners and runs[-1][1] == start:
+                        runs[-1] = (runs[-1][0], end, owners)
+                    else:
+                        runs.append((start, end, owners))
+                start = end
+        exact = max(depth.values(), default=0)
+        moved = self._moved(cids, exact, exclude)
+        return LookupResult(exact, depth, runs, moved, deep)
+
+    def _moved(
+        self, cids: np.ndarray, exact: int, exclude: str | None
+    ) -> dict[int, tuple[tuple[str, ...], tuple[tuple[str, int], ...]]]:
+        out: dict[int, tuple[tuple[str, ...], tuple[tuple[str, int], ...]]] = {}
+        memo: dict[int, tuple[tuple[str, ...], tuple[tuple[str, int], ...]] | None] = {}
+        names = self.owner_name
+        for i in (np.flatnonzero(cids[exact:] >= 0) + exact).tolist():
+            c = int(cids[i])
+            if c not in memo:
+                blocks = self.content_blocks.get(c) or (int(self.c_block[c]),)
+                owners: set[str] = set()
+                sources: list[tuple[str, int]] = []
+                for b in blocks:
+                    d = int(self.b_depth[b])
+                    for o in self.owners_of(b):
+                        name = names[o]
+                        if is_excluded(name, exclude):
+                            continue
+                        owners.add(name)
+                        if len(sources) < MAX_SOURCES:
+                            sources.append((name, d))
+                memo[c] = (tuple(sorted(owners)), tuple(sorted(sources))) if owners else None
+            hit = memo[c]
+            if hit is not None:
+                out[i] = hit
+        return out
+
+    def nbytes(self) -> int:
+        arrays = (
+            self.b_key, self.b_parent, self.b_content, self.b_depth, self.b_owner, self.b_nown,
+            self.c_key, self.c_tokens, self.c_refs, self.c_block,
+        )  # fmt: skip
+        total = sum(a.nbytes for a in arrays) + self.chain.nbytes + self.content.nbytes
+        total += sum(a.nbytes + 112 for a in self.owner_blocks.values())
+        for d in (self.block_owners, self.content_blocks):
+            total += sys.getsizeof(d) + sum(sys.getsizeof(s) for s in d.values())
+        return total
+
+
+class MemoryIndex(BlockIndex):
+    """In-process index: the embedded default. See the module docstring for the layout."""
+
+    def __init__(self, block_size: int = 16):
+        self.block_size = block_size
+        self._tenants: dict[str, _Tenant] = {}
+
+    def _tenant(self, tenant: str, create: bool = False) -> _Tenant | None:
+        t = self._tenants.get(tenant)
+        if t is None and create:
+            t = self._tenants[tenant] = _Tenant(self.block_size)
+        return t
+
+    def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
+        t = self._tenant(tenant, create=True)
+        assert t is not None
+        t.validate(seq)  # raises before anything changes
+        oid = t.owner_id.get(owner)
+        if oid is not None:
+            t.remove(oid)
+        else:
+            oid = int(t.o_ids.take(1)[0])
+            t.owner_id[owner] = oid
+            t.owner_name[oid] = owner
+        new, shared = t.put(oid, seq)
+        t.owner_info[oid] = info
+        return PutResult(seq.num_blocks, new, shared)
+
+    def remove(self, tenant: str, owner: str) -> int:
+        t = self._tenant(tenant)
+        if t is None or owner not in t.owner_id:
+            return 0
+        oid = t.owner_id.pop(owner)
+        del t.owner_name[oid]
+        t.owner_info.pop(oid, None)
+        n = t.remove(oid)
+        t.o_ids.give(np.asarray([oid], dtype=np.int32))
+        if not t.owner_id:
+            del self._tenants[tenant]
+        return n
+
+    def lookup(self, tenant: str, seq: BlockSequence, *, exclude: str | None = None) -> LookupResult:
+        t = self._tenant(tenant)
+        if t is None:
+            return LookupResult(0, {}, [])
+        return t.lookup(seq, exclude)
+
+    def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:
+        t = self._tenant(tenant)
+        if t is None or owner not in t.owner_id:
+            return None
+        bids = t.owner_blocks[t.owner_id[owner]]
+        if not 0 <= block < bids.size:
+            return None
+        return t.c_tokens[t.b_content[bids[block]]].copy()
+
+    def owner_info(self, tenant: str, owner: str) -> OwnerInfo | None:
+        t = self._tenant(tenant)
+        if t is None or owner not in t.owner_id:
+            return None
+        return t.owner_info.get(t.owner_id[owner])
+
+    def owners(self, tenant: str) -> list[str]:
+        t = self._tenant(tenant)
+        return sorted(t.owner_id) if t else []
+
+    def stats(self) -> IndexStats:
+        ts = self._tenants.values()
+        return IndexStats(
+            tenants=len(self._tenants),
+            owners=sum(len(t.owner_id) for t in ts),
+            blocks=sum(len(t.chain) for t in ts),
+            owner_blocks=sum(int(b.size) for t in ts for b in t.owner_blocks.values()),
+            contents=sum(len(t.content) for t in ts),
+            nbytes=sum(t.nbytes() for t in ts),
+        )

@@ -1,0 +1,412 @@
+"""The matcher API: the seed's surface (``index_prompt``, ``find_reusable_blocks``,
+``get_shared_prefix_hash``, ``stats``, ``clear_agent``), made truthful.
+
+``SyncMatcher`` does the work; ``Matcher`` offers the same methods as coroutines that run it on
+a worker thread. Tokenization and hashing are pure and run outside the lock; every index read
+and write happens under one lock, so concurrent callers always see a consistent index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvforge.blocks import BlockHasher, BlockSequence, LoRA, event_hash, validate_cache_salt
+from kvforge.errors import InvalidInputError
+from kvforge.index import BlockIndex, LookupResult, MemoryIndex, OwnerInfo
+from kvforge.match.report import (
+    BlockMatch,
+    Divergence,
+    IndexResult,
+    MatchReport,
+    PrefixHash,
+)
+from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
+
+DEFAULT_TENANT = "default"
+MAX_AGENT_ID = 256
+
+
+def _tenant_key(tenant: str | None) -> str:
+    if tenant is None:
+        return DEFAULT_TENANT
+    if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_AGENT_ID:
+        raise InvalidInputError("tenant must be a non-empty string of at most 256 characters")
+    return tenant
+
+
+def _check_agent(agent_id: Any) -> str:
+    if not isinstance(agent_id, str) or not agent_id.strip():
+        raise InvalidInputError("agent_id must be a non-empty string")
+    if len(agent_id) > MAX_AGENT_ID:
+        raise InvalidInputError(f"agent_id is longer than {MAX_AGENT_ID} characters")
+    return agent_id
+
+
+class SyncMatcher:
+    """Find exactly which KV-cache blocks of a prompt an engine could reuse, and from whom.
+
+    ``block_size``, ``hash_algo`` and ``hash_seed`` must equal the engine's (``--block-size``,
+    ``--prefix-caching-hash-algo``, ``PYTHONHASHSEED``; ``None`` = unset). ``tokenizer`` is
+    ``None`` for the shipped Qwen3 tokenizer or a path to a local ``tokenizer.json``.
+    """
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        hash_algo: str = "sha256",
+        hash_seed: str | None = None,
+        tokenizer: str | Path | PromptTokenizer | None = None,
+        index: BlockIndex | None = None,
+        max_prompt_chars: int = 4_000_000,
+        max_prompt_tokens: int = 1_000_000,
+    ):
+        self.hasher = BlockHasher(hash_algo, block_size=block_size, hash_seed=hash_seed)
+        self.tokenizer = PromptTokenizer.resolve(tokenizer)
+        self.index: BlockIndex = index if index is not None else MemoryIndex(block_size)
+        self.max_prompt_chars = max_prompt_chars
+        self.max_prompt_tokens = max_prompt_tokens
+        self._lock = threading.Lock()
+
+    @property
+    def block_size(self) -> int:
+        return self.hasher.block_size
+
+    @property
+    def hash_algo(self) -> str:
+        return self.hasher.algo
+
+    # ---- preparation (pure, lock-free) --------------------------------------------------
+    def tokenize(
+        self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> TokenizedPrompt:
+        if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
+            raise InvalidInputError(
+                f"prompt has {len(prompt):,} characters; the limit is {self.max_prompt_chars:,}"
+            )
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt:
+            if isinstance(prompt[0], Mapping):
+                size = sum(len(str(m.get("content") or "")) for m in prompt)  # type: ignore[union-attr]
+                if size > self.max_prompt_chars:
+                    raise InvalidInputError(
+                        f"messages hold {size:,} characters; the limit is "
+                        f"{self.max_prompt_chars:,}"
+                    )
+            elif len(prompt) > self.max_prompt_tokens:
+                raise InvalidInputError(
+                    f"prompt has {len(prompt):,} tokens; the limit is {self.max_prompt_tokens:,}"
+                )
+        tp = self.tokenizer.tokenize(prompt, tools=tools)
+        if len(tp) > self.max_prompt_tokens:
+            raise InvalidInputError(
+                f"prompt has {len(tp):,} tokens; the limit is {self.max_prompt_tokens:,}"
+            )
+        return tp
+
+    def blocks(
+        self,
+        tokens: TokenizedPrompt | Sequence[int],
+        *,
+        cache_salt: str | None = None,
+        lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
+    ) -> BlockSequence:
+        ids = tokens.token_ids if isinstance(tokens, TokenizedPrompt) else tuple(tokens)
+        return BlockSequence.build(
+            self.hasher, ids, cache_salt=validate_cache_salt(cache_salt), lora=LoRA.coerce(lora)
+        )
+
+    def _prepare(
+        self, prompt: Prompt, cache_salt: str | None, lora: Any, tools: Any
+    ) -> tuple[TokenizedPrompt, BlockSequence]:
+        salt = validate_cache_salt(cache_salt)
+        lo = LoRA.coerce(lora)
+        tp = self.tokenize(prompt, tools=tools)
+        return tp, BlockSequence.build(self.hasher, tp.token_ids, cache_salt=salt, lora=lo)
+
+    # ---- the API --------------------------------------------------------------------------
+    def index_prompt(
+        self,
+        agent_id: str,
+        prompt: Prompt,
+        *,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
+        lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> IndexResult:
+        """Make ``prompt`` the agent's indexed prompt (replacing its previous one)."""
+        agent = _check_agent(agent_id)
+        key = _tenant_key(tenant)
+        _, seq = self._prepare(prompt, cache_salt, lora, tools)
+        lo = LoRA.coerce(lora)
+        info = OwnerInfo(agent, seq.num_tokens, seq.num_blocks, cache_salt, lo.name if lo else None)
+        with self._lock:
+            put = self.index.put(key, agent, seq, info)
+        return IndexResult(
+            agent_id=agent,
+            tenant=tenant,
+            num_tokens=seq.num_tokens,
+            num_blocks=seq.num_blocks,
+            new_blocks=put.new_blocks,
+            shared_blocks=put.shared_blocks,
+            block_hashes=tuple(h.hex() for h in seq.chain),
+        )
+
+    def find_reusable_blocks(
+        self,
+        prompt: Prompt,
+        *,
+        exclude_agent: str | None = None,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
+        lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> MatchReport:
+        """Which blocks of ``prompt`` are reusable exactly (prefix), only with recompute
+        (moved), or not at all; and why the best owner's prefix broke."""
+        if exclude_agent is not None:
+            _check_agent(exclude_agent)
+        key = _tenant_key(tenant)
+        tp, seq = self._prepare(prompt, cache_salt, lora, tools)
+        return self.match_blocks(
+            tp, seq, exclude_agent=exclude_agent, tenant=tenant, _key=key, cache_salt=cache_salt
+        )
+
+    def match_blocks(
+        self,
+        tp: TokenizedPrompt,
+        seq: BlockSequence,
+        *,
+        exclude_agent: str | None = None,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
+        _key: str | None = None,
+    ) -> MatchReport:
+        """``find_reusable_blocks`` for an already tokenized and hashed prompt."""
+        key = _key or _tenant_key(tenant)
+        with self._lock:
+            hit = self.index.lookup(key, seq, exclude=exclude_agent)
+            best = _best_owner(hit)
+            depth = hit.prefix_by_owner.get(best, 0) if best else 0
+            owner_tokens = (
+                self.index.owner_block_tokens(key, best, depth)
+                if best is not None and depth < seq.num_blocks
+                else None
+            )
+            info = self.index.owner_info(key, best) if best else None
+        blocks = _blocks(hit, seq.num_blocks, seq.block_size)
+        divergence = None
+        if best is not None and depth < seq.num_blocks:
+            divergence = self._divergence(tp, seq, best, depth, owner_tokens, info, cache_salt)
+        return MatchReport(
+            num_tokens=seq.num_tokens,
+            num_blocks=seq.num_blocks,
+            block_size=seq.block_size,
+            prefix_blocks_by_owner=hit.prefix_by_owner,
+            best_owner=best,
+            blocks=blocks,
+            divergence=divergence,
+            tenant=tenant,
+            chain_hashes=tuple(h.hex() for h in seq.chain),
+        )
+
+    def get_shared_prefix_hash(
+        self,
+        prompt: Prompt,
+        *,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
+        lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> PrefixHash:
+        key = _tenant_key(tenant)
+        _, seq = self._prepare(prompt, cache_salt, lora, tools)
+        with self._lock:
+            n = self.index.lookup(key, seq).deepest_hash_block
+        return PrefixHash(
+            num_blocks=n,
+            prefix_hash_hex=seq.chain[n - 1].hex() if n else None,
+            first_block_hash_hex=seq.chain[0].hex() if seq.chain else None,
+            prefix_event_hash=event_hash(seq.chain[n - 1]) if n else None,
+        )
+
+    def clear_agent(self, agent_id: str, *, tenant: str | None = None) -> int:
+        """Forget the agent's prompt (only that owner); returns how many blocks it held."""
+        agent = _check_agent(agent_id)
+        key = _tenant_key(tenant)
+        with self._lock:
+            return self.index.remove(key, agent)
+
+    def agents(self, *, tenant: str | None = None) -> list[str]:
+        key = _tenant_key(tenant)
+        with self._lock:
+            return self.index.owners(key)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            s = self.index.stats()
+        return {
+            "tenants": s.tenants,
+            "agents": s.owners,
+            "blocks": s.blocks,
+            "owner_blocks": s.owner_blocks,
+            "contents": s.contents,
+            "memory_bytes": s.nbytes,
+            "block_size": self.block_size,
+            "hash_algo": self.hash_algo,
+            "tokenizer": self.tokenizer.name,
+            # the seed's names, kept for callers written against it
+            "total_blocks": s.blocks,
+            "total_agents": s.owners,
+        }
+
+    # ---- explanation --------------------------------------------------------------------
+    def _text(self, tp: TokenizedPrompt, start: int, end: int) -> str:
+        span = tp.char_span(start, end)
+        if span is not None and tp.text is not None:
+            return tp.text[span[0] : span[1]]
+        return self.tokenizer.decode(tp.token_ids[start:end])
+
+    def _divergence(
+        self,
+        tp: TokenizedPrompt,
+        seq: BlockSequence,
+        owner: str,
+        block: int,
+        owner_tokens: np.ndarray | None,
+        info: OwnerInfo | None,
+        cache_salt: str | None,
+    ) -> Divergence:
+        bs = seq.block_size
+        start, end = block * bs, (block + 1) * bs
+        q = tuple(int(t) for t in seq.tokens[block])
+        if owner_tokens is None:
+            held = info.num_blocks if info else block
+            return Divergence(
+                owner=owner,
+                block_index=block,
+                token_index=start,
+                reason=(
+                    f"{owner}'s indexed prompt ends after {held} full blocks "
+                    f"({held * bs} tokens); the query continues"
+                ),
+                query_text=self._text(tp, start, end),
+                owner_text=None,
+                query_tokens=q,
+            )
+        o = tuple(int(t) for t in owner_tokens)
+        diff = next((j for j in range(bs) if q[j] != o[j]), None)
+        if diff is None:
+            why = []
+            if info is not None and (info.cache_salt or None) != (cache_salt or None):
+                why.append("cache_salt differs")
+            if info is not None and info.lora_name is not None:
+                why.append(f"{owner} was indexed with LoRA {info.lora_name!r}")
+            detail = "; ".join(why) or "cache_salt or LoRA differs"
+            return Divergence(
+                owner=owner,
+                block_index=block,
+                token_index=start,
+                reason=f"block {block} has the same tokens but other extra keys ({detail})",
+                query_text=self._text(tp, start, end),
+                owner_text=self.tokenizer.decode(o),
+                query_tokens=q,
+                owner_tokens=o,
+            )
+        q_text = self._text(tp, start + diff, end)
+        o_text = self.tokenizer.decode(o[diff:])
+        first_q = self.tokenizer.decode(q[diff : diff + 1])
+        first_o = self.tokenizer.decode(o[diff : diff + 1])
+        return Divergence(
+            owner=owner,
+            block_index=block,
+            token_index=start + diff,
+            reason=(
+                f"token {start + diff} (block {block}) differs: query has {first_q!r} where "
+                f"{owner} has {first_o!r}; nothing after it is prefix-reusable"
+            ),
+            query_text=q_text,
+            owner_text=o_text,
+            query_tokens=q[diff:],
+            owner_tokens=o[diff:],
+        )
+
+
+def _best_owner(hit: LookupResult) -> str | None:
+    """Longest exact prefix; ties and the no-prefix case go to the owner sharing most moved
+    blocks, then to the smallest name (deterministic)."""
+    moved_count: dict[str, int] = {}
+    for owners, _ in hit.moved.values():
+        for o in owners:
+            moved_count[o] = moved_count.get(o, 0) + 1
+    candidates = set(hit.prefix_by_owner) | set(moved_count)
+    if not candidates:
+        return None
+    return min(
+        candidates,
+        key=lambda o: (-hit.prefix_by_owner.get(o, 0), -moved_count.get(o, 0), o),
+    )
+
+
+def _blocks(hit: LookupResult, n: int, bs: int) -> list[BlockMatch]:
+    out: list[BlockMatch] = []
+    for start, end, owners in hit.exact_runs:
+        out.extend(BlockMatch(i, i * bs, "exact", owners) for i in range(start, end))
+    moved = hit.moved
+    for i in range(hit.exact_blocks, n):
+        m = moved.get(i)
+        if m is None:
+            out.append(BlockMatch(i, i * bs, "none"))
+        else:
+            out.append(BlockMatch(i, i * bs, "moved", m[0], m[1]))
+    return out
+
+
+class Matcher:
+    """The async face of :class:`SyncMatcher`: the same constructor and methods, as coroutines.
+    Work runs on a worker thread so the event loop never blocks on tokenization."""
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        hash_algo: str = "sha256",
+        hash_seed: str | None = None,
+        tokenizer: str | Path | PromptTokenizer | None = None,
+        **options: Any,
+    ):
+        self.sync = SyncMatcher(
+            block_size=block_size,
+            hash_algo=hash_algo,
+            hash_seed=hash_seed,
+            tokenizer=tokenizer,
+            **options,
+        )
+
+    @property
+    def block_size(self) -> int:
+        return self.sync.block_size
+
+    async def index_prompt(self, agent_id: str, prompt: Prompt, **kw: Any) -> IndexResult:
+        return await asyncio.to_thread(self.sync.index_prompt, agent_id, prompt, **kw)
+
+    async def find_reusable_blocks(self, prompt: Prompt, **kw: Any) -> MatchReport:
+        return await asyncio.to_thread(self.sync.find_reusable_blocks, prompt, **kw)
+
+    async def get_shared_prefix_hash(self, prompt: Prompt, **kw: Any) -> PrefixHash:
+        return await asyncio.to_thread(self.sync.get_shared_prefix_hash, prompt, **kw)
+
+    async def clear_agent(self, agent_id: str, **kw: Any) -> int:
+        return await asyncio.to_thread(self.sync.clear_agent, agent_id, **kw)
+
+    async def agents(self, **kw: Any) -> list[str]:
+        return await asyncio.to_thread(self.sync.agents, **kw)
+
+    async def stats(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.sync.stats)

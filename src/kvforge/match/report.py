@@ -1,0 +1,95 @@
+"""What a match says: per block, who holds it and how it could be reused, and why a prefix broke.
+
+Kinds, from strongest to weakest:
+
+* ``exact`` — the block's vLLM chain hash is held by an owner: the engine reuses its KV as is.
+  Always a leading run: after the first non-exact block nothing is prefix-reusable.
+* ``moved`` — the same tokens sit in an indexed prompt at another position or after another
+  prefix. The KV differs (attention saw another prefix); reusable only by recompute-style
+  engines (CacheBlend/EPIC) or by moving the varying part of the prompt below it.
+* ``none`` — nothing indexed holds these tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+BlockKind = Literal["exact", "moved", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockMatch:
+    index: int  # block position in the query
+    start: int  # first token of the block
+    kind: BlockKind
+    owners: tuple[str, ...] = ()
+    sources: tuple[tuple[str, int], ...] = ()  # moved: (owner, block position there), capped
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """Where the best owner's prefix stops matching the query, shown as text."""
+
+    owner: str
+    block_index: int
+    token_index: int  # first differing token (absolute); block start when tokens are equal
+    reason: str
+    query_text: str  # the query's tokens from ``token_index`` to the end of the block
+    owner_text: str | None  # the owner's tokens over the same range (None: prompt ended)
+    query_tokens: tuple[int, ...] = ()
+    owner_tokens: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MatchReport:
+    num_tokens: int
+    num_blocks: int
+    block_size: int
+    prefix_blocks_by_owner: dict[str, int]
+    best_owner: str | None
+    blocks: list[BlockMatch]
+    divergence: Divergence | None = None
+    tenant: str | None = None
+    chain_hashes: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def exact_blocks(self) -> int:
+        """Leading blocks the engine can reuse as is (from the best owner)."""
+        return self.prefix_blocks_by_owner.get(self.best_owner, 0) if self.best_owner else 0
+
+    @property
+    def moved_blocks(self) -> int:
+        return sum(1 for b in self.blocks if b.kind == "moved")
+
+    @property
+    def reusable_tokens(self) -> int:
+        return self.exact_blocks * self.block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["exact_blocks"] = self.exact_blocks
+        d["moved_blocks"] = self.moved_blocks
+        d["reusable_tokens"] = self.reusable_tokens
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class IndexResult:
+    agent_id: str
+    tenant: str | None
+    num_tokens: int
+    num_blocks: int
+    new_blocks: int
+    shared_blocks: int
+    block_hashes: tuple[str, ...]  # vLLM chain hashes (hex) of every full block
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixHash:
+    """The routing hint: vLLM's chain hash of the longest indexed prefix and of block 0."""
+
+    num_blocks: int  # leading blocks of the prompt held by any owner of the tenant
+    prefix_hash_hex: str | None  # hash of block ``num_blocks - 1``; None when 0
+    first_block_hash_hex: str | None  # hash of the prompt's block 0; None if no full block
+    prefix_event_hash: int | None  # u64 form of ``prefix_hash_hex`` (what KV events carry)

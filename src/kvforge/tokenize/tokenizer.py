@@ -1,0 +1,218 @@
+"""Turning prompts into the exact token ids a vLLM engine sees.
+
+* text → ``encode(text, add_special_tokens=True)``, as vLLM's ``/v1/completions`` does
+  (for Qwen3 this adds nothing: the model has no BOS);
+* chat messages → the model's own jinja chat template with ``add_generation_prompt=True``
+  (and ``tools``), then ``encode(rendered, add_special_tokens=False)``, as
+  ``/v1/chat/completions`` does;
+* token ids → used as given.
+
+The shipped Qwen3 tokenizer is loaded from package data and its sha256 is verified, so a
+corrupted install fails loudly instead of producing different ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from kvforge.errors import InvalidInputError
+from kvforge.tokenize.chat import ChatTemplate
+
+QWEN3_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
+_DATA = "kvforge.tokenize.data.qwen3"
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
+PromptKind = Literal["text", "chat", "tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    """Token ids plus, where there was text, the character span of every token."""
+
+    token_ids: tuple[int, ...]
+    kind: PromptKind
+    text: str | None = None  # for chat: the rendered template
+    offsets: np.ndarray | None = None  # int64 [n, 2] char offsets into ``text``
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def char_span(self, start: int, end: int) -> tuple[int, int] | None:
+        """Character range covered by tokens ``[start, end)``, or None without text."""
+        if self.offsets is None or self.text is None or start >= end:
+            return None
+        return int(self.offsets[start, 0]), int(self.offsets[end - 1, 1])
+
+
+class PromptTokenizer:
+    """A HF ``tokenizers`` tokenizer plus its chat template. Thread-safe."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None, name: str):
+        self._tk = tokenizer
+        self.template = template
+        self.name = name
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._cache: OrderedDict[tuple[str, str], TokenizedPrompt] = OrderedDict()
+        self._cache_tokens = 0
+        self._cache_limit = 500_000  # tokens kept in the repeated-prompt cache (~50 B each)
+        self._lock = threading.Lock()
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def qwen3(cls) -> PromptTokenizer:
+        """The shipped Qwen3 tokenizer (loaded once per process)."""
+        global _QWEN3
+        with _QWEN3_LOCK:
+            if _QWEN3 is None:
+                pkg = resources.files(_DATA)
+                raw = lzma.decompress(pkg.joinpath("tokenizer.json.xz").read_bytes())
+                digest = hashlib.sha256(raw).hexdigest()
+                if digest != QWEN3_TOKENIZER_SHA256:
+                    raise RuntimeError(
+                        f"shipped Qwen3 tokenizer.json is corrupted (sha256 {digest}); reinstall"
+                    )
+                config = json.loads(pkg.joinpath("tokenizer_config.json").read_text("utf-8"))
+                _QWEN3 = cls(
+                    Tokenizer.from_str(raw.decode("utf-8")),
+                    ChatTemplate.from_config(config),
+                    "Qwen3",
+                )
+            return _QWEN3
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PromptTokenizer:
+        """A local ``tokenizer.json`` (or a folder holding one); the chat template is read from
+        ``tokenizer_config.json`` or ``chat_template.jinja`` beside it when present."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise InvalidInputError(f"tokenizer file not found: {p}")
+        try:
+            tk = Tokenizer.from_file(str(p))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise InvalidInputError(f"cannot load tokenizer {p}: {exc}") from exc
+        template = None
+        cfg = p.parent / "tokenizer_config.json"
+        jinja = p.parent / "chat_template.jinja"
+        if jinja.is_file():
+            template = ChatTemplate(jinja.read_text("utf-8"), {})
+        elif cfg.is_file():
+            template = ChatTemplate.from_config(json.loads(cfg.read_text("utf-8")))
+        return cls(tk, template, str(p))
+
+    @classmethod
+    def resolve(cls, spec: str | Path | PromptTokenizer | None) -> PromptTokenizer:
+        if spec is None:
+            return cls.qwen3()
+        if isinstance(spec, PromptTokenizer):
+            return spec
+        if isinstance(spec, str | Path):
+            return cls.from_file(spec)
+        raise InvalidInputError("tokenizer must be None, a path to tokenizer.json or a tokenizer")
+
+    # ---- encoding -----------------------------------------------------------------------
+    def encode_text(self, text: str) -> TokenizedPrompt:
+        """As vLLM's completions endpoint: special tokens in the text are parsed as such."""
+        return self._encode(text, "text", add_special_tokens=True)
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        if self.template is None:
+            raise InvalidInputError(
+                f"tokenizer {self.name} has no chat template; pass text or token ids"
+            )
+        return self.template.render(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> TokenizedPrompt:
+        rendered = self.render_chat(messages, tools=tools, **template_kwargs)
+        return self._encode(rendered, "chat", add_special_tokens=False)
+
+    def encode_ids(self, ids: Sequence[int]) -> TokenizedPrompt:
+        checked = tuple(ids)
+        limit = self.vocab_size
+        for t in checked:
+            if type(t) is not int and not isinstance(t, np.integer):
+                raise InvalidInputError(f"token ids must be integers, got {type(t).__name__}")
+            if t < 0 or t >= limit:
+                raise InvalidInputError(f"token id {t} is outside the vocabulary [0, {limit})")
+        return TokenizedPrompt(tuple(int(t) for t in checked), "tokens")
+
+    def tokenize(
+        self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> TokenizedPrompt:
+        """Dispatch on the prompt's shape: text, a list of chat messages, or token ids."""
+        if isinstance(prompt, str):
+            if tools:
+                raise InvalidInputError("tools apply to chat messages, not to plain text")
+            return self.encode_text(prompt)
+        if isinstance(prompt, bytes | bytearray):
+            raise InvalidInputError("prompt must be str, not bytes; decode it first")
+        if isinstance(prompt, np.ndarray):
+            prompt = prompt.tolist()
+        if isinstance(prompt, Sequence):
+            if len(prompt) == 0:
+                return TokenizedPrompt((), "tokens")
+            first = prompt[0]
+            if isinstance(first, Mapping):
+                return self.encode_chat(prompt, tools=tools)  # type: ignore[arg-type]
+            if isinstance(first, int | np.integer) and not isinstance(first, bool):
+                return self.encode_ids(prompt)  # type: ignore[arg-type]
+        raise InvalidInputError(
+            "prompt must be text, a list of chat messages (dicts) or a list of token ids, "
+            f"got {type(prompt).__name__}"
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=False)
+
+    def _encode(self, text: str, kind: PromptKind, *, add_special_tokens: bool) -> TokenizedPrompt:
+        key = (kind, text)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        enc = self._tk.encode(text, add_special_tokens=add_special_tokens)
+        out = TokenizedPrompt(
+            tuple(enc.ids), kind, text, np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        )
+        with self._lock:
+            # Repeated prompts (system prompts, re-sent turns) are common; keep the recent ones.
+            if key not in self._cache and len(out) <= self._cache_limit // 4:
+                self._cache[key] = out
+                self._cache_tokens += len(out)
+                while self._cache_tokens > self._cache_limit:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_tokens -= len(old)
+        return out
+
+
+_QWEN3: PromptTokenizer | None = None
+_QWEN3_LOCK = threading.Lock()
