@@ -17,8 +17,8 @@ from kvforge.match import (
     BlockMatch,
     Divergence,
     IndexResult,
-    MatchReport,
     Matcher,
+    MatchReport,
     PrefixHash,
     SyncMatcher,
 )

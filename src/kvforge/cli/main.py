@@ -53,7 +53,9 @@ def _read_json_arg(value: str, what: str) -> Any:
 
 @app.command("hash")
 def hash_cmd(
-    text: Annotated[str | None, typer.Option("--text", help="Prompt text (as /v1/completions).")] = None,
+    text: Annotated[
+        str | None, typer.Option("--text", help="Prompt text (as /v1/completions).")
+    ] = None,
     token_ids: Annotated[
         str | None,
         typer.Option("--token-ids", help="Token ids: a JSON list, or a file holding one."),
@@ -66,7 +68,9 @@ def hash_cmd(
             "rendered with the model's chat template as /v1/chat/completions does.",
         ),
     ] = None,
-    algo: Annotated[str, typer.Option("--algo", help=f"One of {', '.join(HASH_ALGOS)}.")] = "sha256",
+    algo: Annotated[
+        str, typer.Option("--algo", help=f"One of {', '.join(HASH_ALGOS)}.")
+    ] = "sha256",
     block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
     hash_seed: Annotated[
         str | None, typer.Option("--hash-seed", help="The engine's PYTHONHASHSEED (unset: omit).")

@@ -72,6 +72,7 @@ class IndexStats:
     owner_blocks: int  # sum over owners of their blocks (what index_prompt indexed)
     contents: int  # distinct block contents
     nbytes: int  # approximate memory held by the index structures
+    exact_nbytes: int = 0  # of which the exact index (chain → owners, owner → blocks)
 
 
 class BlockIndex(ABC):
@@ -89,13 +90,23 @@ class BlockIndex(ABC):
         (0 when unknown). O(owner's blocks)."""
 
     @abstractmethod
-    def lookup(self, tenant: str, seq: BlockSequence, *, exclude: str | None = None) -> LookupResult:
+    def lookup(
+        self, tenant: str, seq: BlockSequence, *, exclude: str | None = None
+    ) -> LookupResult:
         """Exact prefix holders and moved content for a query. O(query blocks + owners
         reported); independent of the index size."""
 
     @abstractmethod
     def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:
         """Tokens of block ``block`` of the owner's prompt, or None past its end."""
+
+    @abstractmethod
+    def closest_owner(
+        self, tenant: str, first_block: np.ndarray, *, exclude: str | None = None
+    ) -> str | None:
+        """The owner whose block 0 shares the longest token prefix (>= 1 token) with
+        ``first_block``; ties to the smallest name. Used only to explain a prefix that broke
+        inside block 0. O(owners), vectorized."""
 
     @abstractmethod
     def owner_info(self, tenant: str, owner: str) -> OwnerInfo | None: ...

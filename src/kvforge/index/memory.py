@@ -22,6 +22,7 @@ from bisect import bisect_right
 
 import numpy as np
 
+from kvforge.blocks.hashing import content_hashes
 from kvforge.blocks.sequence import BlockSequence
 from kvforge.errors import HashCollisionError
 from kvforge.index.base import (
@@ -39,7 +40,7 @@ from kvforge.index.table import U64Table
 def _grow(arr: np.ndarray, need: int, fill: int = 0) -> np.ndarray:
     if need <= arr.shape[0]:
         return arr
-    cap = max(need, arr.shape[0] + arr.shape[0] // 2, 64)
+    cap = max(need, arr.shape[0] + arr.shape[0] // 4, 64)  # 1.25x: memory over speed
     out = np.full((cap, *arr.shape[1:]), fill, dtype=arr.dtype)
     out[: arr.shape[0]] = arr
     return out
@@ -82,7 +83,6 @@ class _Tenant:
         self.block_owners: dict[int, set[int]] = {}
         # contents
         self.c_ids = _IdPool()
-        self.c_key = np.zeros(0, dtype=np.uint64)
         self.c_tokens = np.zeros((0, block_size), dtype=np.uint32)
         self.c_refs = np.zeros(0, dtype=np.int32)
         self.c_block = np.zeros(0, dtype=np.int32)
@@ -108,21 +108,36 @@ class _Tenant:
             cids[known[~same]] = -1
         return cids
 
-    def _chain_prefix(self, seq: BlockSequence, cids: np.ndarray) -> tuple[np.ndarray, int]:
-        """Block ids of the query's chain and how many leading ones are verified."""
-        bids = self.chain.get(seq.chain_keys)
-        n = bids.shape[0]
-        if n == 0:
+    def _chain_prefix(
+        self, seq: BlockSequence, cids: np.ndarray, *, full: bool = False
+    ) -> tuple[np.ndarray, int]:
+        """Block ids of the query's chain and how many leading ones are verified (key, parent
+        and content agree). Hashes the query only as far as it matches, in doubling chunks,
+        unless ``full`` (then every block id is looked up)."""
+        n = seq.num_blocks
+        bids = np.full(n, -1, dtype=np.int32)
+        if n == 0 or len(self.chain) == 0:
             return bids, 0
-        ok = bids >= 0
-        b = np.where(ok, bids, 0)
-        if self.b_key.shape[0]:
-            expected_parent = np.concatenate([[-1], bids[:-1]]).astype(np.int32)
-            ok &= (self.b_content[b] == cids) & (cids >= 0) & (self.b_parent[b] == expected_parent)
-        else:
-            ok[:] = False
-        bad = np.flatnonzero(~ok)
-        return bids, int(bad[0]) if bad.size else n
+        done, k = 0, (n if full else min(n, 32))
+        while True:
+            got = self.chain.get(seq.chain_keys_prefix(k)[done:k])
+            bids[done:k] = got
+            ok = got >= 0
+            g = np.where(ok, got, 0)
+            parent = np.empty(k - done, dtype=np.int32)
+            parent[0] = bids[done - 1] if done else -1
+            parent[1:] = got[:-1]
+            c = cids[done:k]
+            ok &= (self.b_content[g] == c) & (c >= 0) & (self.b_parent[g] == parent)
+            bad = np.flatnonzero(~ok)
+            if bad.size:
+                if full:  # keep looking up the rest (collision checks need it)
+                    rest = seq.chain_keys_prefix(n)[k:]
+                    bids[k:] = self.chain.get(rest)
+                return bids, done + int(bad[0])
+            if k == n:
+                return bids, n
+            done, k = k, min(n, 2 * k)
 
     # ---- mutation -----------------------------------------------------------------------
     def validate(self, seq: BlockSequence) -> None:
@@ -138,7 +153,7 @@ class _Tenant:
             raise HashCollisionError("a block's content key collides with a stored block")
         if np.unique(seq.chain_keys).size != seq.chain_keys.size:
             raise HashCollisionError("two blocks of one prompt share a chain key")
-        bids, k = self._chain_prefix(seq, cids)
+        bids, k = self._chain_prefix(seq, cids, full=True)
         if (bids[k:] >= 0).any():
             raise HashCollisionError("a chain key collides with a stored block of another prefix")
 
@@ -151,18 +166,16 @@ class _Tenant:
         if missing.size:
             new = self.c_ids.take(missing.size)
             hi = int(new.max()) + 1
-            self.c_key = _grow(self.c_key, hi)
             self.c_tokens = _grow(self.c_tokens, hi)
             self.c_refs = _grow(self.c_refs, hi)
             self.c_block = _grow(self.c_block, hi, -1)
-            self.c_key[new] = ukeys[missing]
             self.c_tokens[new] = seq.tokens[first[missing]]
             self.c_refs[new] = 0
             self.content.insert(ukeys[missing], new)
             ucids[missing] = new
         cids = ucids[inv].astype(np.int32)
         # chain: the held prefix gains an owner, the rest are new blocks
-        bids, k = self._chain_prefix(seq, cids)
+        bids, k = self._chain_prefix(seq, cids, full=True)
         shared = bids[:k]
         for b in shared.tolist():
             s = self.block_owners.get(b)
@@ -244,7 +257,8 @@ class _Tenant:
             ]
             if dead:
                 d = np.asarray(dead, dtype=np.int32)
-                self.content.delete(self.c_key[d])
+                # content keys are a pure function of the tokens: no need to store them
+                self.content.delete(content_hashes(self.c_tokens[d]))
                 self.c_ids.give(d)
             self.b_owner[freed] = -1
             self.b_ids.give(freed)
@@ -262,26 +276,30 @@ class _Tenant:
         depth: dict[str, int] = {}
         runs: list[tuple[int, int, tuple[str, ...]]] = []
         if deep:
-            # Owner sets shrink along the chain; they change only where the count changes.
+            # Owner sets shrink along the chain and change only where the owner count changes.
+            # Walking those change points from the deepest one, each owner is met once, at its
+            # depth, so ``order`` comes out sorted by decreasing depth (names sorted within).
             nown = self.b_nown[chain_b]
-            cps = np.flatnonzero(nown[:-1] != nown[1:]).tolist() + [deep - 1]
+            cps = [*np.flatnonzero(nown[:-1] != nown[1:]).tolist(), deep - 1]
             prev: set[int] = set()
+            order: list[str] = []
+            neg_depths: list[int] = []  # ascending, for bisect
             for i in reversed(cps):
                 cur = set(self.owners_of(int(chain_b[i])))
-                for o in cur - prev:
-                    name = names[o]
-                    if not is_excluded(name, exclude):
-                        depth[name] = i + 1
+                fresh = sorted(names[o] for o in cur - prev)
+                if exclude is not None:
+                    fresh = [n for n in fresh if not is_excluded(n, exclude)]
+                if fresh:
+                    depth.update(dict.fromkeys(fresh, i + 1))
+                    order += fresh
+                    neg_depths += [-(i + 1)] * len(fresh)
                 prev = cur
             # Runs of identical owner sets: the owners of blocks [.., end) are those whose depth
-            # is >= end, i.e. a prefix of the owners sorted by decreasing depth.
-            ranked = sorted(depth.items(), key=lambda kv: (-kv[1], kv[0]))
-            order = [name for name, _ in ranked]
-            depths = [-d for _, d in ranked]  # ascending, for bisect
+            # is >= end, i.e. a prefix of ``order``.
             start = 0
             for i in cps:
                 end = i + 1
-                m = bisect_right(depths, -end)
+                m = bisect_right(neg_depths, -end)
                 if m:
                     owners = tuple(order[:m])
                     if runs and runs[-1][2] == owners and runs[-1][1] == start:
@@ -297,39 +315,68 @@ class _Tenant:
         self, cids: np.ndarray, exact: int, exclude: str | None
     ) -> dict[int, tuple[tuple[str, ...], tuple[tuple[str, int], ...]]]:
         out: dict[int, tuple[tuple[str, ...], tuple[tuple[str, int], ...]]] = {}
-        memo: dict[int, tuple[tuple[str, ...], tuple[tuple[str, int], ...]] | None] = {}
+        idx = np.flatnonzero(cids[exact:] >= 0) + exact
+        if idx.size == 0:
+            return out
+        c = cids[idx]
+        # Common case, vectorized: the content sits in one chain block held by one owner.
+        blk = self.c_block[c]
+        simple = (self.c_refs[c] == 1) & (self.b_nown[blk] == 1)
         names = self.owner_name
-        for i in (np.flatnonzero(cids[exact:] >= 0) + exact).tolist():
-            c = int(cids[i])
-            if c not in memo:
-                blocks = self.content_blocks.get(c) or (int(self.c_block[c]),)
-                owners: set[str] = set()
-                sources: list[tuple[str, int]] = []
-                for b in blocks:
-                    d = int(self.b_depth[b])
-                    for o in self.owners_of(b):
-                        name = names[o]
-                        if is_excluded(name, exclude):
-                            continue
-                        owners.add(name)
-                        if len(sources) < MAX_SOURCES:
-                            sources.append((name, d))
-                memo[c] = (tuple(sorted(owners)), tuple(sorted(sources))) if owners else None
-            hit = memo[c]
+        memo: dict[object, tuple[tuple[str, ...], tuple[tuple[str, int], ...]] | None] = {}
+        for i, ci, is_simple, o, d in zip(
+            idx.tolist(),
+            c.tolist(),
+            simple.tolist(),
+            self.b_owner[blk].tolist(),
+            self.b_depth[blk].tolist(),
+            strict=True,
+        ):
+            if is_simple:
+                key: object = (o, d)
+                if key not in memo:
+                    name = names[o]
+                    memo[key] = None if is_excluded(name, exclude) else ((name,), ((name, d),))
+            else:
+                key = ci
+                if key not in memo:
+                    memo[key] = self._moved_slow(ci, exclude)
+            hit = memo[key]
             if hit is not None:
                 out[i] = hit
         return out
 
-    def nbytes(self) -> int:
-        arrays = (
+    def _moved_slow(
+        self, c: int, exclude: str | None
+    ) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]] | None:
+        names = self.owner_name
+        blocks = self.content_blocks.get(c) or (int(self.c_block[c]),)
+        owners: set[str] = set()
+        sources: list[tuple[str, int]] = []
+        for b in blocks:
+            d = int(self.b_depth[b])
+            for o in self.owners_of(b):
+                name = names[o]
+                if is_excluded(name, exclude):
+                    continue
+                owners.add(name)
+                if len(sources) < MAX_SOURCES:
+                    sources.append((name, d))
+        return (tuple(sorted(owners)), tuple(sorted(sources))) if owners else None
+
+    def nbytes(self) -> tuple[int, int]:
+        """Approximate bytes held: (exact index, content store)."""
+        exact_arrays = (
             self.b_key, self.b_parent, self.b_content, self.b_depth, self.b_owner, self.b_nown,
-            self.c_key, self.c_tokens, self.c_refs, self.c_block,
         )  # fmt: skip
-        total = sum(a.nbytes for a in arrays) + self.chain.nbytes + self.content.nbytes
-        total += sum(a.nbytes + 112 for a in self.owner_blocks.values())
-        for d in (self.block_owners, self.content_blocks):
-            total += sys.getsizeof(d) + sum(sys.getsizeof(s) for s in d.values())
-        return total
+        exact = sum(a.nbytes for a in exact_arrays) + self.chain.nbytes
+        exact += sum(a.nbytes + 112 for a in self.owner_blocks.values())
+        exact += sys.getsizeof(self.block_owners)
+        exact += sum(sys.getsizeof(s) for s in self.block_owners.values())
+        content = self.c_tokens.nbytes + self.c_refs.nbytes + self.c_block.nbytes
+        content += self.content.nbytes + sys.getsizeof(self.content_blocks)
+        content += sum(sys.getsizeof(s) for s in self.content_blocks.values())
+        return exact, content
 
 
 class MemoryIndex(BlockIndex):
@@ -373,7 +420,9 @@ class MemoryIndex(BlockIndex):
             del self._tenants[tenant]
         return n
 
-    def lookup(self, tenant: str, seq: BlockSequence, *, exclude: str | None = None) -> LookupResult:
+    def lookup(
+        self, tenant: str, seq: BlockSequence, *, exclude: str | None = None
+    ) -> LookupResult:
         t = self._tenant(tenant)
         if t is None:
             return LookupResult(0, {}, [])
@@ -387,6 +436,27 @@ class MemoryIndex(BlockIndex):
         if not 0 <= block < bids.size:
             return None
         return t.c_tokens[t.b_content[bids[block]]].copy()
+
+    def closest_owner(
+        self, tenant: str, first_block: np.ndarray, *, exclude: str | None = None
+    ) -> str | None:
+        t = self._tenant(tenant)
+        if t is None:
+            return None
+        oids = [
+            o
+            for o, b in t.owner_blocks.items()
+            if b.size and not is_excluded(t.owner_name[o], exclude)
+        ]
+        if not oids:
+            return None
+        heads = np.asarray([t.owner_blocks[o][0] for o in oids], dtype=np.int32)
+        same = t.c_tokens[t.b_content[heads]] == np.asarray(first_block, dtype=np.uint32)
+        lcp = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
+        best = int(lcp.max())
+        if best == 0:
+            return None
+        return min(t.owner_name[oids[i]] for i in np.flatnonzero(lcp == best))
 
     def owner_info(self, tenant: str, owner: str) -> OwnerInfo | None:
         t = self._tenant(tenant)
@@ -406,5 +476,6 @@ class MemoryIndex(BlockIndex):
             blocks=sum(len(t.chain) for t in ts),
             owner_blocks=sum(int(b.size) for t in ts for b in t.owner_blocks.values()),
             contents=sum(len(t.content) for t in ts),
-            nbytes=sum(t.nbytes() for t in ts),
+            nbytes=sum(sum(t.nbytes()) for t in ts),
+            exact_nbytes=sum(t.nbytes()[0] for t in ts),
         )

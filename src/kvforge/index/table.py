@@ -15,7 +15,8 @@ import numpy as np
 
 EMPTY = -1
 TOMBSTONE = -2
-MAX_LOAD = 0.7
+MAX_LOAD = 0.5
+SCALAR_TAIL = 24  # finish the last few probes in Python: cheaper than more numpy rounds
 
 
 class U64Table:
@@ -47,7 +48,7 @@ class U64Table:
         slot = (keys & self._mask).astype(np.int64)
         pending = np.arange(n)
         tkeys, tvals, mask = self._keys, self._vals, int(self._mask)
-        while pending.size:
+        while pending.size > SCALAR_TAIL:
             s = slot[pending]
             v = tvals[s]
             hit = (v >= 0) & (tkeys[s] == keys[pending])
@@ -55,6 +56,16 @@ class U64Table:
             cont = (v != EMPTY) & ~hit
             pending = pending[cont]
             slot[pending] = (s[cont] + 1) & mask
+        for i in pending.tolist():
+            key, s = keys[i], int(slot[i])
+            while True:
+                v = int(tvals[s])
+                if v == EMPTY:
+                    break
+                if v >= 0 and tkeys[s] == key:
+                    out[i] = s
+                    break
+                s = (s + 1) & mask
         return out
 
     def get(self, keys: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ and tool-call ``arguments`` given as JSON strings are parsed into objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -23,10 +24,16 @@ from kvforge.errors import InvalidInputError, UnsupportedInputError
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise(message: str) -> None:
@@ -122,10 +129,9 @@ def normalize_message(message: Any, index: int) -> dict[str, Any]:
             fn = call.get("function")
             if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), str):
                 fn = dict(fn)
-                try:
+                # on invalid JSON the template prints the string verbatim
+                with contextlib.suppress(json.JSONDecodeError):
                     fn["arguments"] = json.loads(fn["arguments"])
-                except json.JSONDecodeError:
-                    pass  # the template then prints the string verbatim
                 call["function"] = fn
             fixed.append(call)
         out["tool_calls"] = fixed

@@ -17,6 +17,7 @@ import hashlib
 import json
 import lzma
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -155,14 +156,17 @@ class PromptTokenizer:
         return self._encode(rendered, "chat", add_special_tokens=False)
 
     def encode_ids(self, ids: Sequence[int]) -> TokenizedPrompt:
-        checked = tuple(ids)
-        limit = self.vocab_size
-        for t in checked:
-            if type(t) is not int and not isinstance(t, np.integer):
-                raise InvalidInputError(f"token ids must be integers, got {type(t).__name__}")
-            if t < 0 or t >= limit:
-                raise InvalidInputError(f"token id {t} is outside the vocabulary [0, {limit})")
-        return TokenizedPrompt(tuple(int(t) for t in checked), "tokens")
+        try:
+            # array('q') accepts exactly the integers (and numpy integers), in C
+            arr = np.frombuffer(array("q", ids), dtype=np.int64)
+        except (TypeError, OverflowError) as exc:
+            raise InvalidInputError(f"token ids must be integers: {exc}") from exc
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
+            raise InvalidInputError(
+                f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        return TokenizedPrompt(tuple(arr.tolist()), "tokens")
 
     def tokenize(
         self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None

@@ -1,0 +1,258 @@
+"""Core benchmark: tokenization and hashing throughput, match latency vs index size, memory per
+indexed block, and the seed matcher side by side.
+
+    python benchmarks/bench_core.py            # full run (about 2-3 minutes on 2 cores)
+    python benchmarks/bench_core.py --quick    # smaller sizes, for a smoke check
+
+Prints markdown tables (medians of repeated runs; ratios are measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import importlib.util
+import pickle
+import random
+import sys
+import time
+import tracemalloc
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvforge import PromptTokenizer, SyncMatcher
+from kvforge.blocks import BlockHasher, BlockSequence
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = ROOT.parent / "shared" / "seed" / "lsh_token_matcher.py"
+VOCAB = 151_643
+
+
+def timeit(fn: Callable[[], Any], repeat: int) -> np.ndarray:
+    out = np.empty(repeat)
+    for i in range(repeat):
+        t = time.perf_counter_ns()
+        fn()
+        out[i] = time.perf_counter_ns() - t
+    return out / 1e6  # ms
+
+
+def corpus_paragraphs() -> list[str]:
+    """Real text to tokenize: the shipped license, this project's sources and docs."""
+    files = [ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE", ROOT / "README.md"]
+    files += sorted((ROOT / "src/kvforge").rglob("*.py"))
+    paras: list[str] = []
+    for f in files:
+        if f.is_file():
+            paras += [p for p in f.read_text("utf-8").split("\n\n") if len(p) > 40]
+    return paras
+
+
+def make_text(paras: list[str], tk: PromptTokenizer, n_tokens: int, rnd: random.Random) -> str:
+    parts: list[str] = []
+    count = 0
+    while count < n_tokens:
+        p = rnd.choice(paras)
+        parts.append(p)
+        count += len(tk.encode_text(p).token_ids)
+    return "\n\n".join(parts)
+
+
+def vllm_style_chain(hasher_root: bytes, ids: Sequence[int], bs: int) -> list[bytes]:
+    """vLLM's per-request hashing loop as written there: a per-block call that builds the
+    extra keys (none here) and digests sha256(pickle((parent, tuple(block), extra)))."""
+
+    def extra_keys(start: int, end: int) -> Any:
+        keys: list[Any] = []
+        return tuple(keys) if keys else None
+
+    def hash_block(parent: bytes, block: Sequence[int], extra: Any) -> bytes:
+        return hashlib.sha256(pickle.dumps((parent, tuple(block), extra), protocol=5)).digest()
+
+    out: list[bytes] = []
+    parent = hasher_root
+    for start in range(0, len(ids) - bs + 1, bs):
+        block = ids[start : start + bs]
+        parent = hash_block(parent, block, extra_keys(start, start + bs))
+        out.append(parent)
+    return out
+
+
+def bench_throughput(tk: PromptTokenizer, paras: list[str], reps: int) -> list[str]:
+    rnd = random.Random(1)
+    hasher = BlockHasher()
+    rows = [
+        "| prompt | tokenize (tok/s) | kvforge chain hash (ns/tok) | vLLM-style loop (ns/tok) "
+        "| ratio | full BlockSequence (ns/tok) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in (1024, 8192, 32768):
+        text = make_text(paras, tk, n, rnd)
+        # tokenization without the repeated-prompt cache: the raw HF tokenizer
+        ids = list(tk._tk.encode(text).ids)[:n]
+        t_tok = np.median(timeit(lambda text=text: tk._tk.encode(text), reps))
+        n_real = len(tk._tk.encode(text).ids)
+        tup = tuple(ids)
+        r = max(reps, 5)
+        ours = np.median(timeit(lambda tup=tup: hasher.chain(tup), r))
+        ref = np.median(timeit(lambda ids=ids: vllm_style_chain(hasher.root, ids, 16), r))
+        full = np.median(timeit(lambda tup=tup: BlockSequence(hasher, tup).chain, r))
+        assert vllm_style_chain(hasher.root, ids, 16) == hasher.chain(tup)
+        rows.append(
+            f"| {n // 1024}k | {n_real / t_tok * 1e3:,.0f} | {ours * 1e6 / n:.0f} | "
+            f"{ref * 1e6 / n:.0f} | {ours / ref:.2f}x | {full * 1e6 / n:.0f} |"
+        )
+    return rows
+
+
+def agent_prompt(system: list[int], a: int) -> list[int]:
+    """Agent ``a``'s 8k-token prompt: the shared 32-block system prompt, then its own tokens
+    (regenerated from the agent number, so the benchmark never holds all prompts)."""
+    return system + np.random.default_rng([1, a]).integers(0, VOCAB, 8192 - 512).tolist()
+
+
+def build_index(m: SyncMatcher, n_blocks: int, system: list[int]) -> int:
+    agents = max(1, n_blocks // 512)
+    for a in range(agents):
+        m.index_prompt(f"agent{a}", agent_prompt(system, a))
+    return agents
+
+
+def bench_match(
+    sizes: Sequence[int], reps: int, tk: PromptTokenizer, paras: list[str]
+) -> list[str]:
+    rows = [
+        "| indexed blocks | distinct blocks | agents | match p50 (ms) | match p99 (ms) | "
+        "hashing alone p50 (ms) | tokenize 8k text p50 (ms) | exact index B / indexed block | "
+        "all structures B / indexed block (traced) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    text8k = make_text(paras, tk, 8192, random.Random(7))
+    t_tok = np.median(timeit(lambda: tk._tk.encode(text8k), 10))
+    for n in sizes:
+        rnd = np.random.default_rng(n)
+        m = SyncMatcher(tokenizer=tk)
+        system = rnd.integers(0, VOCAB, 512).tolist()
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        agents = build_index(m, n, system)
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        s = m.stats()
+        # query: a known agent's first 232 blocks, then 50 blocks that agent holds elsewhere
+        # (moved), then new content: exact + moved + none in one 8k prompt
+        src = agent_prompt(system, agents // 2)
+        q = src[: 232 * 16] + src[400 * 16 : 450 * 16]
+        q = q + rnd.integers(0, VOCAB, 8192 - len(q)).tolist()
+        tp = m.tokenizer.encode_ids(q)
+        lat = timeit(lambda m=m, tp=tp: m.match_blocks(tp, m.blocks(tp)), reps)
+        hash_t = timeit(lambda m=m, tp=tp: m.blocks(tp).chain, reps)
+        r = m.match_blocks(tp, m.blocks(tp))
+        assert r.exact_blocks == 232 and r.moved_blocks >= 50, (r.exact_blocks, r.moved_blocks)
+        rows.append(
+            f"| {s['owner_blocks']:,} | {s['blocks']:,} | {s['agents']:,} | "
+            f"{np.median(lat):.2f} | {np.percentile(lat, 99):.2f} | {np.median(hash_t):.2f} | "
+            f"{t_tok:.1f} | {s['memory_bytes_exact_index'] / s['owner_blocks']:.0f} | "
+            f"{used / s['owner_blocks']:.0f} |"
+        )
+        del m
+        gc.collect()
+    return rows
+
+
+def load_seed(tk: PromptTokenizer) -> Any:
+    """The original matcher, given the same (Qwen3) tokenizer through its import."""
+    pkg = types.ModuleType("apohara_context_forge")
+    mod = types.ModuleType("apohara_context_forge.token_counter")
+
+    class TokenCounter:
+        @staticmethod
+        def get() -> Any:
+            return types.SimpleNamespace(encode=lambda text: list(tk._tk.encode(text).ids))
+
+    mod.TokenCounter = TokenCounter  # type: ignore[attr-defined]
+    sys.modules["apohara_context_forge"] = pkg
+    sys.modules["apohara_context_forge.token_counter"] = mod
+    spec = importlib.util.spec_from_file_location("seed_lsh", SEED)
+    assert spec and spec.loader
+    seed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed)
+    return seed
+
+
+def bench_seed(tk: PromptTokenizer, paras: list[str]) -> list[str]:
+    import asyncio
+
+    if not SEED.is_file():
+        return ["(seed file not found beside the repo: skipped)"]
+    seed = load_seed(tk)
+    rows = [
+        "| stored blocks | seed index (ms/prompt) | kvforge index (ms/prompt) | seed query 8k (ms) "
+        "| kvforge query 8k incl. tokenize (ms) | query ratio (seed / kvforge) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    rnd = random.Random(3)
+    for stored in (1_000, 10_000):
+        texts = []
+        while sum(len(tk._tk.encode(t).ids) // 16 for t in texts) < stored:
+            texts.append(make_text(paras, tk, 2048, rnd))
+        query = texts[0][: len(texts[0]) // 2] + make_text(paras, tk, 8192, rnd)
+        s = seed.LSHTokenMatcher()
+        ours = SyncMatcher(tokenizer=tk)
+
+        async def seed_index(s: Any = s, texts: list[str] = texts) -> None:
+            for i, t in enumerate(texts):
+                await s.index_prompt(f"a{i}", t)
+
+        t0 = time.perf_counter()
+        asyncio.run(seed_index())
+        t_seed_idx = (time.perf_counter() - t0) * 1e3 / len(texts)
+        t0 = time.perf_counter()
+        for i, t in enumerate(texts):
+            ours.index_prompt(f"a{i}", t)
+        t_ours_idx = (time.perf_counter() - t0) * 1e3 / len(texts)
+        q_seed = np.median(
+            timeit(lambda s=s, query=query: asyncio.run(s.find_reusable_blocks(query)), 3)
+        )
+        ours.tokenizer._cache.clear()
+        q_ours = np.median(
+            timeit(
+                lambda ours=ours, query=query: (
+                    ours.find_reusable_blocks(query),
+                    ours.tokenizer._cache.clear(),
+                ),
+                10,
+            )
+        )
+        rows.append(
+            f"| {stored:,} | {t_seed_idx:.1f} | {t_ours_idx:.1f} | {q_seed:,.0f} | "
+            f"{q_ours:.1f} | {q_seed / q_ours:,.0f}x |"
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    tk = PromptTokenizer.qwen3()
+    paras = corpus_paragraphs()
+    reps = 20 if args.quick else 100
+    sizes = (10_000, 100_000) if args.quick else (10_000, 100_000, 1_000_000)
+    print("## Tokenization and hashing throughput (sha256, block 16)\n")
+    print("\n".join(bench_throughput(tk, paras, 5 if args.quick else 20)))
+    print("\n## find_reusable_blocks, 8k-token prompt (after tokenization)\n")
+    print("\n".join(bench_match(sizes, reps, tk, paras)))
+    print("\n## Against the seed matcher (same Qwen3 tokenizer)\n")
+    print("\n".join(bench_seed(tk, paras)))
+
+
+if __name__ == "__main__":
+    main()

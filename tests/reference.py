@@ -1,0 +1,57 @@
+"""A plain, obviously-correct model of what the index must answer (for property tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvforge.blocks import BlockHasher
+from kvforge.index import is_excluded
+
+
+@dataclass
+class RefIndex:
+    hasher: BlockHasher
+    owners: dict[tuple[str, str], tuple[list[bytes], list[tuple[int, ...]]]] = field(
+        default_factory=dict
+    )
+
+    def blocks(
+        self, tokens: list[int], salt: str | None = None
+    ) -> tuple[list[bytes], list[tuple[int, ...]]]:
+        bs = self.hasher.block_size
+        chain = self.hasher.chain(tokens, cache_salt=salt)
+        return chain, [tuple(tokens[i * bs : (i + 1) * bs]) for i in range(len(chain))]
+
+    def put(self, tenant: str, owner: str, tokens: list[int], salt: str | None = None) -> None:
+        self.owners[(tenant, owner)] = self.blocks(tokens, salt)
+
+    def remove(self, tenant: str, owner: str) -> int:
+        got = self.owners.pop((tenant, owner), None)
+        return len(got[0]) if got else 0
+
+    def expect(
+        self, tenant: str, tokens: list[int], salt: str | None = None, exclude: str | None = None
+    ) -> tuple[dict[str, int], list[tuple[str, frozenset[str]]]]:
+        chain, toks = self.blocks(tokens, salt)
+        depth: dict[str, int] = {}
+        for (t, o), (c, _) in self.owners.items():
+            if t != tenant or is_excluded(o, exclude):
+                continue
+            d = 0
+            while d < min(len(c), len(chain)) and c[d] == chain[d]:
+                d += 1
+            if d:
+                depth[o] = d
+        exact = max(depth.values(), default=0)
+        kinds: list[tuple[str, frozenset[str]]] = []
+        for i in range(len(chain)):
+            if i < exact:
+                kinds.append(("exact", frozenset(o for o, d in depth.items() if d > i)))
+                continue
+            holders = frozenset(
+                o
+                for (t, o), (_, bt) in self.owners.items()
+                if t == tenant and not is_excluded(o, exclude) and toks[i] in bt
+            )
+            kinds.append(("moved" if holders else "none", holders))
+        return depth, kinds

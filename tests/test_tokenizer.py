@@ -1,0 +1,134 @@
+"""The shipped Qwen3 tokenizer gives the reference ids; chat rendering follows the template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvforge import InvalidInputError, PromptTokenizer, UnsupportedInputError
+
+DATA = Path(__file__).parent / "data"
+VECTORS = json.loads((DATA / "qwen3_test_vectors.json").read_text())["cases"]
+
+
+def test_thirty_vectors() -> None:
+    assert len(VECTORS) == 30
+
+
+@pytest.mark.parametrize("case", VECTORS, ids=lambda c: c["name"])
+def test_reference_ids(qwen3: PromptTokenizer, case: dict) -> None:
+    tp = qwen3.encode_text(case["text"])
+    assert list(tp.token_ids) == case["ids"]
+    # offsets cover the text: every token maps back to a span of it
+    if tp.token_ids:
+        assert tp.offsets is not None and tp.offsets.shape == (len(tp), 2)
+        assert tp.char_span(0, len(tp)) == (tp.offsets[0, 0], tp.offsets[-1, 1])
+
+
+def test_offsets_reproduce_block_text(qwen3: PromptTokenizer) -> None:
+    text = "The planner reads the tool list. " * 30
+    tp = qwen3.encode_text(text)
+    pieces = []
+    for start in range(0, len(tp), 16):
+        s, e = tp.char_span(start, min(start + 16, len(tp)))
+        pieces.append(text[s:e])
+    assert "".join(pieces) == text
+
+
+def test_chat_render_matches_the_template_format(qwen3: PromptTokenizer) -> None:
+    msgs = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Hi"},
+    ]
+    assert qwen3.render_chat(msgs) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    tp = qwen3.encode_chat(msgs)
+    assert tp.kind == "chat"
+    # special tokens are single ids, parsed from the rendered text
+    assert tp.token_ids[0] == 151644 and tp.token_ids.count(151645) == 2
+    assert list(tp.token_ids) == list(qwen3.encode_text(tp.text).token_ids)
+
+
+def test_chat_vector_round_trip(qwen3: PromptTokenizer) -> None:
+    case = next(c for c in VECTORS if c["name"] == "chat_nothink")
+    rendered = qwen3.render_chat([{"role": "user", "content": "Hi"}], enable_thinking=False)
+    assert rendered == case["text"]
+    assert (
+        list(
+            qwen3.encode_chat([{"role": "user", "content": "Hi"}], enable_thinking=False).token_ids
+        )
+        == case["ids"]
+    )
+
+
+def test_chat_with_tools_and_tool_calls(qwen3: PromptTokenizer) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "天气",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in 北京?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "北京"}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny"},
+    ]
+    out = qwen3.render_chat(msgs, tools=tools)
+    assert out.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert json.dumps(tools[0], ensure_ascii=False) in out  # tojson keeps non-ASCII
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>' in out
+    )
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n" in out
+    assert out.endswith("<|im_start|>assistant\n")
+
+
+def test_list_content_parts_are_joined(qwen3: PromptTokenizer) -> None:
+    a = qwen3.render_chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            }
+        ]
+    )
+    assert a == qwen3.render_chat([{"role": "user", "content": "a\nb"}])
+    with pytest.raises(UnsupportedInputError, match="image_url"):
+        qwen3.render_chat([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+
+
+def test_dispatch_and_bad_input(qwen3: PromptTokenizer) -> None:
+    assert qwen3.tokenize([1, 2, 3]).token_ids == (1, 2, 3)
+    assert qwen3.tokenize("hi").kind == "text"
+    assert qwen3.tokenize([{"role": "user", "content": "hi"}]).kind == "chat"
+    for bad in (b"bytes", 3.5, [1.5], ["7"], [-1], [10**9], [2**70], [{"content": "no role"}]):
+        with pytest.raises(InvalidInputError):
+            qwen3.tokenize(bad)  # type: ignore[arg-type]
+
+
+def test_local_tokenizer_file(tmp_path: Path, qwen3: PromptTokenizer) -> None:
+    (tmp_path / "tokenizer.json").write_text(qwen3._tk.to_str())
+    local = PromptTokenizer.from_file(tmp_path / "tokenizer.json")
+    assert local.encode_text("hello world").token_ids == qwen3.encode_text("hello world").token_ids
+    with pytest.raises(InvalidInputError, match="no chat template"):
+        local.encode_chat([{"role": "user", "content": "x"}])
+    with pytest.raises(InvalidInputError, match="not found"):
+        PromptTokenizer.from_file(tmp_path / "missing.json")
