@@ -82,6 +82,13 @@ class BlockSequence:
         return self._keys[: min(k, self.num_blocks)]
 
     @property
+    def namespace(self) -> tuple[str, str, str]:
+        """What roots this chain besides the hash seed: (cache_salt, LoRA name, LoRA path).
+        Two sequences can share block hashes only within one namespace."""
+        lo = self._lora
+        return (self._salt or "", lo.name if lo else "", lo.path if lo else "")
+
+    @property
     def chain(self) -> list[BlockHash]:
         return self.chain_prefix(self.num_blocks)
 

@@ -161,6 +161,66 @@ def hash_cmd(
         console.print(f"[dim]{tail} trailing tokens form a partial block: vLLM never hashes it.[/]")
 
 
+@app.command("analyze")
+def analyze_cmd(
+    trace: Annotated[Path, typer.Argument(help="JSONL trace, or a folder of prompt files.")],
+    algo: Annotated[str, typer.Option("--algo")] = "sha256",
+    block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
+    hash_seed: Annotated[str | None, typer.Option("--hash-seed")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Replay a multi-agent trace: what vLLM's prefix cache reuses per agent and agent pair,
+    what it leaves on the table (moved content) and where each prefix breaks."""
+    from kvforge.analyze import analyze, read_trace
+    from kvforge.match import SyncMatcher
+
+    try:
+        reqs = read_trace(trace)
+        matcher = SyncMatcher(
+            block_size=block_size, hash_algo=algo, hash_seed=hash_seed, tokenizer=tokenizer
+        )
+        if as_json:
+            result = analyze(reqs, matcher)
+        else:
+            from rich.progress import track
+
+            result = analyze(track(reqs, description="replaying", transient=True), matcher)
+    except KvforgeError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+        return
+    console = Console()
+    t = Table(title="Per agent (tokens)", title_justify="left")
+    for col in ("agent", "requests", "prompt", "exact (prefix)", "moved", "exact %"):
+        t.add_column(col, justify="left" if col == "agent" else "right")
+    for name, a in sorted(result.agents.items()):
+        pct = 100 * a.exact_tokens / a.prompt_tokens if a.prompt_tokens else 0.0
+        t.add_row(
+            name, str(a.requests), f"{a.prompt_tokens:,}", f"{a.exact_tokens:,}",
+            f"{a.moved_tokens:,}", f"{pct:.0f}%",
+        )  # fmt: skip
+    console.print(t)
+    pairs = result.to_json()["pairs"]
+    if pairs:
+        pt = Table(title="Who reuses whom (tokens of agent's requests held by source)",
+                   title_justify="left")  # fmt: skip
+        for col in ("agent", "source", "exact", "moved"):
+            pt.add_column(col, justify="left" if col in ("agent", "source") else "right")
+        for p in pairs:
+            pt.add_row(p["agent"], p["source"], f"{p['exact_tokens']:,}", f"{p['moved_tokens']:,}")
+        console.print(pt)
+    if result.divergences:
+        dt = Table(title="Where prefixes break", title_justify="left")
+        for col in ("line", "agent", "vs", "token", "why"):
+            dt.add_column(col, overflow="fold")
+        for d in result.divergences:
+            dt.add_row(str(d.line), d.agent_id, d.source, str(d.token_index), d.reason)
+        console.print(dt)
+
+
 def main() -> None:
     app()
 

@@ -81,6 +81,7 @@ class _Tenant:
         self.b_owner = np.zeros(0, dtype=np.int32)
         self.b_nown = np.zeros(0, dtype=np.int32)
         self.block_owners: dict[int, set[int]] = {}
+        self.namespaces: dict[tuple[str, str, str], int] = {}
         # contents
         self.c_ids = _IdPool()
         self.c_tokens = np.zeros((0, block_size), dtype=np.uint32)
@@ -108,36 +109,86 @@ class _Tenant:
             cids[known[~same]] = -1
         return cids
 
-    def _chain_prefix(
-        self, seq: BlockSequence, cids: np.ndarray, *, full: bool = False
-    ) -> tuple[np.ndarray, int]:
-        """Block ids of the query's chain and how many leading ones are verified (key, parent
-        and content agree). Hashes the query only as far as it matches, in doubling chunks,
-        unless ``full`` (then every block id is looked up)."""
+    def _root(self, seq: BlockSequence, *, create: bool = False) -> int | None:
+        """Parent marker of a chain's block 0: ``-1 - namespace id`` (salt and LoRA root the
+        chain); None for a namespace nobody indexed."""
+        ns = self.namespaces.get(seq.namespace)
+        if ns is None:
+            if not create:
+                return None
+            ns = self.namespaces[seq.namespace] = len(self.namespaces)
+        return -1 - ns
+
+    def _chain_prefix(self, seq: BlockSequence, cids: np.ndarray) -> tuple[np.ndarray, int]:
+        """Block id of every query block by chain hash, and how many leading ones are verified
+        (key, parent and content agree). Hashes the whole query: used when indexing."""
+        n = seq.num_blocks
+        bids = self.chain.get(seq.chain_keys) if len(self.chain) else np.full(n, -1, np.int32)
+        root = self._root(seq)
+        if n == 0 or root is None or len(self.chain) == 0:
+            return bids, 0
+        ok = bids >= 0
+        g = np.where(ok, bids, 0)
+        parent = np.empty(n, dtype=np.int32)
+        parent[0] = root
+        parent[1:] = bids[:-1]
+        ok &= (self.b_content[g] == cids) & (cids >= 0) & (self.b_parent[g] == parent)
+        bad = np.flatnonzero(~ok)
+        return bids, int(bad[0]) if bad.size else n
+
+    def _walk(self, seq: BlockSequence, cids: np.ndarray) -> tuple[np.ndarray, int]:
+        """The query's verified chain prefix, found by walking the block tree (parent, content)
+        instead of hashing: a chain hash is a function of the root and the blocks' tokens, so
+        "block i's child with content c" is the same question, answered without sha256.
+
+        Vectorized for contents that sit in a single chain block (the common case); a content
+        held by several chains is resolved by scanning them, or by hashing that one block when
+        there are many."""
         n = seq.num_blocks
         bids = np.full(n, -1, dtype=np.int32)
-        if n == 0 or len(self.chain) == 0:
+        root = self._root(seq)
+        if n == 0 or root is None or len(self.chain) == 0:
             return bids, 0
-        done, k = 0, (n if full else min(n, 32))
-        while True:
-            got = self.chain.get(seq.chain_keys_prefix(k)[done:k])
-            bids[done:k] = got
-            ok = got >= 0
-            g = np.where(ok, got, 0)
-            parent = np.empty(k - done, dtype=np.int32)
-            parent[0] = bids[done - 1] if done else -1
-            parent[1:] = got[:-1]
-            c = cids[done:k]
-            ok &= (self.b_content[g] == c) & (c >= 0) & (self.b_parent[g] == parent)
-            bad = np.flatnonzero(~ok)
-            if bad.size:
-                if full:  # keep looking up the rest (collision checks need it)
-                    rest = seq.chain_keys_prefix(n)[k:]
-                    bids[k:] = self.chain.get(rest)
-                return bids, done + int(bad[0])
-            if k == n:
-                return bids, n
-            done, k = k, min(n, 2 * k)
+        known = cids >= 0
+        cand = np.where(known, self.c_block[np.where(known, cids, 0)], 0)
+        depth_ok = known & (self.b_depth[cand] == np.arange(n, dtype=np.int32))
+        i, prev = 0, root
+        while i < n:
+            seg = cand[i:]
+            parents = np.empty(n - i, dtype=np.int32)
+            parents[0] = prev
+            parents[1:] = seg[:-1]
+            ok = depth_ok[i:] & (self.b_parent[seg] == parents)
+            run = int(np.argmin(ok)) if not ok.all() else n - i
+            bids[i : i + run] = seg[:run]
+            i += run
+            if i == n:
+                break
+            prev = int(bids[i - 1]) if i else root
+            b = self._child(prev, int(cids[i]), i, seq)
+            if b < 0:
+                break
+            bids[i] = b
+            prev = b
+            i += 1
+        return bids, i
+
+    def _child(self, parent: int, c: int, depth: int, seq: BlockSequence) -> int:
+        """The chain block under ``parent`` whose content is ``c``, or -1."""
+        if c < 0:
+            return -1
+        blocks = self.content_blocks.get(c)
+        if blocks is None:  # one chain block holds it; the vectorized pass already refused it
+            return -1
+        if len(blocks) <= 32:
+            for b in blocks:
+                if self.b_parent[b] == parent:
+                    return b
+            return -1
+        got = int(self.chain.get(seq.chain_keys_prefix(depth + 1)[depth : depth + 1])[0])
+        if got >= 0 and self.b_parent[got] == parent and self.b_content[got] == c:
+            return got
+        return -1
 
     # ---- mutation -----------------------------------------------------------------------
     def validate(self, seq: BlockSequence) -> None:
@@ -153,7 +204,7 @@ class _Tenant:
             raise HashCollisionError("a block's content key collides with a stored block")
         if np.unique(seq.chain_keys).size != seq.chain_keys.size:
             raise HashCollisionError("two blocks of one prompt share a chain key")
-        bids, k = self._chain_prefix(seq, cids, full=True)
+        bids, k = self._chain_prefix(seq, cids)
         if (bids[k:] >= 0).any():
             raise HashCollisionError("a chain key collides with a stored block of another prefix")
 
@@ -175,7 +226,8 @@ class _Tenant:
             ucids[missing] = new
         cids = ucids[inv].astype(np.int32)
         # chain: the held prefix gains an owner, the rest are new blocks
-        bids, k = self._chain_prefix(seq, cids, full=True)
+        root = self._root(seq, create=True)
+        bids, k = self._chain_prefix(seq, cids)
         shared = bids[:k]
         for b in shared.tolist():
             s = self.block_owners.get(b)
@@ -195,7 +247,7 @@ class _Tenant:
             self.b_nown = _grow(self.b_nown, hi)
             self.b_key[new] = seq.chain_keys[k:]
             parents = np.empty(n - k, dtype=np.int32)
-            parents[0] = bids[k - 1] if k else -1
+            parents[0] = bids[k - 1] if k else root
             parents[1:] = new[:-1]
             self.b_parent[new] = parents
             self.b_content[new] = cids[k:]
@@ -270,7 +322,7 @@ class _Tenant:
         if n == 0 or not self.owner_blocks:
             return LookupResult(0, {}, [])
         cids = self._content_ids(seq)
-        bids, deep = self._chain_prefix(seq, cids)
+        bids, deep = self._walk(seq, cids)
         chain_b = bids[:deep]
         names = self.owner_name
         depth: dict[str, int] = {}

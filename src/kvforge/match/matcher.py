@@ -120,9 +120,16 @@ class SyncMatcher:
             self.hasher, ids, cache_salt=validate_cache_salt(cache_salt), lora=LoRA.coerce(lora)
         )
 
-    def _prepare(
-        self, prompt: Prompt, cache_salt: str | None, lora: Any, tools: Any
+    def prepare(
+        self,
+        prompt: Prompt,
+        *,
+        cache_salt: str | None = None,
+        lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> tuple[TokenizedPrompt, BlockSequence]:
+        """Tokenize and cut a prompt (pure, lock-free): the input of ``match_blocks`` and
+        ``index_blocks``, for callers that use one prompt twice."""
         salt = validate_cache_salt(cache_salt)
         lo = LoRA.coerce(lora)
         tp = self.tokenize(prompt, tools=tools)
@@ -140,9 +147,24 @@ class SyncMatcher:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> IndexResult:
         """Make ``prompt`` the agent's indexed prompt (replacing its previous one)."""
+        _check_agent(agent_id)
+        _tenant_key(tenant)
+        _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
+        return self.index_blocks(agent_id, seq, tenant=tenant, cache_salt=cache_salt, lora=lora)
+
+    def index_blocks(
+        self,
+        agent_id: str,
+        seq: BlockSequence,
+        *,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
+        lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
+    ) -> IndexResult:
+        """``index_prompt`` for a prompt already prepared (``cache_salt``/``lora`` are recorded
+        for explanations; the hashes in ``seq`` already include them)."""
         agent = _check_agent(agent_id)
         key = _tenant_key(tenant)
-        _, seq = self._prepare(prompt, cache_salt, lora, tools)
         lo = LoRA.coerce(lora)
         info = OwnerInfo(agent, seq.num_tokens, seq.num_blocks, cache_salt, lo.name if lo else None)
         with self._lock:
@@ -172,7 +194,7 @@ class SyncMatcher:
         if exclude_agent is not None:
             _check_agent(exclude_agent)
         key = _tenant_key(tenant)
-        tp, seq = self._prepare(prompt, cache_salt, lora, tools)
+        tp, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
         return self.match_blocks(
             tp, seq, exclude_agent=exclude_agent, tenant=tenant, _key=key, cache_salt=cache_salt
         )
@@ -228,7 +250,7 @@ class SyncMatcher:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> PrefixHash:
         key = _tenant_key(tenant)
-        _, seq = self._prepare(prompt, cache_salt, lora, tools)
+        _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
         with self._lock:
             n = self.index.lookup(key, seq).deepest_hash_block
         chain = seq.chain_prefix(max(n, 1))
