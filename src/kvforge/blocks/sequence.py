@@ -82,6 +82,11 @@ class BlockSequence:
         return self._keys[: min(k, self.num_blocks)]
 
     @property
+    def num_hashed(self) -> int:
+        """Blocks whose chain hash has been computed so far."""
+        return len(self._chain)
+
+    @property
     def namespace(self) -> tuple[str, str, str]:
         """What roots this chain besides the hash seed: (cache_salt, LoRA name, LoRA path).
         Two sequences can share block hashes only within one namespace."""

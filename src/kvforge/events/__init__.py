@@ -1,0 +1,23 @@
+"""vLLM KV-cache events: wire format, ZMQ subscriber (with replay) and a compatible publisher."""
+
+from kvforge.events.schema import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    MalformedEventError,
+    decode_batch,
+    encode_batch,
+    to_u64,
+)
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "KVEventBatch",
+    "MalformedEventError",
+    "decode_batch",
+    "encode_batch",
+    "to_u64",
+]

@@ -1,0 +1,186 @@
+"""vLLM KV-cache event wire format (``vllm/distributed/kv_events.py``, 0.33.0) and its decoder.
+
+A batch is a msgpack **array** ``[ts, events, data_parallel_rank]``; each event is a msgpack
+**map** tagged by ``"type"`` (vLLM >= 0.26) or, in older releases, a positional array
+``[tag, field, ...]``. Decoding is by key name: unknown keys are ignored and optional keys may be
+missing. Hashes arrive as u64 (default) or raw digest bytes; both normalise to the u64 form
+(last 8 bytes, big-endian) that kvforge keys residency on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from kvforge.errors import KvforgeError
+
+_U64 = (1 << 64) - 1
+HashValue = int | bytes
+
+
+class BlockStored(msgspec.Struct, tag=True, omit_defaults=True):
+    block_hashes: list[HashValue]
+    parent_block_hash: HashValue | None = None
+    token_ids: list[int] = []
+    block_size: int = 16
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
+
+
+class BlockRemoved(msgspec.Struct, tag=True, omit_defaults=True):
+    block_hashes: list[HashValue]
+    medium: str | None = None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+
+class AllBlocksCleared(msgspec.Struct, tag=True):
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[KVEvent]
+    data_parallel_rank: int | None = None
+
+
+# vLLM <= 0.23: events are positional arrays [tag, field, ...] in declaration order.
+class _PosBlockStored(msgspec.Struct, tag="BlockStored", array_like=True):
+    block_hashes: list[HashValue]
+    parent_block_hash: HashValue | None = None
+    token_ids: list[int] = []
+    block_size: int = 16
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+
+
+class _PosBlockRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True):
+    block_hashes: list[HashValue]
+    medium: str | None = None
+
+
+class _PosAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True):
+    pass
+
+
+class _PosBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[_PosBlockStored | _PosBlockRemoved | _PosAllBlocksCleared]
+    data_parallel_rank: int | None = None
+
+
+# What vLLM's publisher writes: fields without a default are always present (even when None),
+# the others are omitted when None. Used to emit batches byte-identical to vLLM's.
+class _WireBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True):
+    block_hashes: list[HashValue]
+    parent_block_hash: HashValue | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
+
+
+class _WireBlockRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
+    block_hashes: list[HashValue]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+
+class _WireBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[_WireBlockStored | _WireBlockRemoved | AllBlocksCleared]
+    data_parallel_rank: int | None = None
+
+
+class MalformedEventError(KvforgeError):
+    """A frame or payload that is not a vLLM KV-event batch."""
+
+
+_decoder = msgspec.msgpack.Decoder(KVEventBatch)
+_pos_decoder = msgspec.msgpack.Decoder(_PosBatch)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def decode_batch(payload: bytes) -> KVEventBatch:
+    """Decode one payload (map-encoded events, or the positional form of older vLLM)."""
+    try:
+        return _decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    try:
+        old = _pos_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedEventError(f"not a KV event batch: {exc}") from exc
+    events: list[KVEvent] = []
+    for ev in old.events:
+        if isinstance(ev, _PosBlockStored):
+            events.append(
+                BlockStored(
+                    block_hashes=ev.block_hashes,
+                    parent_block_hash=ev.parent_block_hash,
+                    token_ids=ev.token_ids,
+                    block_size=ev.block_size,
+                    lora_id=ev.lora_id,
+                    medium=ev.medium,
+                    lora_name=ev.lora_name,
+                    extra_keys=ev.extra_keys,
+                    group_idx=ev.group_idx,
+                )
+            )
+        elif isinstance(ev, _PosBlockRemoved):
+            events.append(BlockRemoved(block_hashes=ev.block_hashes, medium=ev.medium))
+        else:
+            events.append(AllBlocksCleared())
+    return KVEventBatch(old.ts, events, old.data_parallel_rank)
+
+
+def _wire(ev: KVEvent) -> _WireBlockStored | _WireBlockRemoved | AllBlocksCleared:
+    if isinstance(ev, BlockStored):
+        return _WireBlockStored(**{f: getattr(ev, f) for f in ev.__struct_fields__})
+    if isinstance(ev, BlockRemoved):
+        return _WireBlockRemoved(**{f: getattr(ev, f) for f in ev.__struct_fields__})
+    return ev
+
+
+def encode_batch(batch: KVEventBatch) -> bytes:
+    """msgpack exactly as vLLM's publisher writes it (map events, array batch)."""
+    wire = _WireBatch(batch.ts, [_wire(e) for e in batch.events], batch.data_parallel_rank)
+    return _encoder.encode(wire)
+
+
+def to_u64(h: HashValue) -> int:
+    """Normalise an event hash: u64 as is (int64 from other producers wraps), bytes → last 8
+    bytes big-endian, which is what vLLM's int mode sends for the same digest."""
+    if isinstance(h, int):
+        return h & _U64
+    if isinstance(h, bytes) and h:
+        return int.from_bytes(h[-8:], "big")
+    raise MalformedEventError(f"bad block hash {h!r}")

@@ -1,0 +1,244 @@
+"""Which engine holds which block, kept from the engines' own KV events.
+
+Keyed by the u64 event hash. Per engine and medium a reference count (the same hash may be held
+by two physical blocks: vLLM then sends two BlockStored and two BlockRemoved); across engines one
+bitmask per hash and medium, so a lookup walks the prompt's blocks once with integer ANDs,
+whatever the number of engines. Speculative entries (a routing decision whose events have not
+arrived yet) live in a separate mask with a TTL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvforge.events.schema import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    to_u64,
+)
+
+DEFAULT_TIER_WEIGHTS: dict[str, float] = {"GPU": 1.0, "CPU": 0.8}
+OTHER_TIER_WEIGHT = 0.5  # e.g. "STORAGE": cheaper than recompute, dearer than host memory
+
+
+@dataclass
+class EngineResidency:
+    name: str
+    bit: int
+    counts: dict[str, dict[int, int]] = field(default_factory=dict)  # medium -> hash -> refs
+    spec: dict[int, float] = field(default_factory=dict)  # speculative hash -> expiry
+    last_event: float = 0.0
+
+    def blocks(self, medium: str | None = None) -> int:
+        if medium is not None:
+            return len(self.counts.get(medium, {}))
+        return sum(len(c) for c in self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixScore:
+    """An engine's cached prefix for one prompt."""
+
+    blocks: int  # leading blocks held in any tier (speculative entries count as GPU)
+    score: float  # blocks weighted by the tier each is held in
+
+
+class ResidencyIndex:
+    """Thread-safe: event subscribers write, routers read."""
+
+    def __init__(self, tier_weights: dict[str, float] | None = None) -> None:
+        self.tier_weights = dict(DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights)
+        self._engines: dict[str, EngineResidency] = {}
+        self._masks: dict[str, dict[int, int]] = {}  # medium -> hash -> engine bitmask
+        self._spec_mask: dict[int, int] = {}
+        self._spec_queue: deque[tuple[float, str, tuple[int, ...]]] = deque()
+        self._lock = threading.Lock()
+        self.blocks_applied = 0
+
+    # ---- engines ---------------------------------------------------------------------------
+    def engine(self, name: str) -> EngineResidency:
+        with self._lock:
+            return self._engine(name)
+
+    def _engine(self, name: str) -> EngineResidency:
+        e = self._engines.get(name)
+        if e is None:
+            e = self._engines[name] = EngineResidency(name, 1 << len(self._engines))
+        return e
+
+    @property
+    def engines(self) -> list[str]:
+        return list(self._engines)
+
+    # ---- events ----------------------------------------------------------------------------
+    def apply(self, engine: str, batch: KVEventBatch) -> None:
+        """Apply one decoded batch. Unknown removals are ignored (the block was stored before
+        we subscribed); stores are idempotent per physical copy."""
+        with self._lock:
+            e = self._engine(engine)
+            e.last_event = time.monotonic()
+            for ev in batch.events:
+                if isinstance(ev, BlockStored):
+                    self._store(e, ev.medium or "GPU", ev.block_hashes)
+                elif isinstance(ev, BlockRemoved):
+                    self._remove(e, ev.medium or "GPU", ev.block_hashes)
+                elif isinstance(ev, AllBlocksCleared):
+                    self._clear(e)
+
+    def store(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
+        with self._lock:
+            self._store(self._engine(engine), medium, hashes)
+
+    def remove(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
+        with self._lock:
+            self._remove(self._engine(engine), medium, hashes)
+
+    def clear_engine(self, engine: str) -> None:
+        with self._lock:
+            self._clear(self._engine(engine))
+
+    def _store(self, e: EngineResidency, medium: str, hashes: Sequence[int | bytes]) -> None:
+        counts = e.counts.setdefault(medium, {})
+        masks = self._masks.setdefault(medium, {})
+        bit = e.bit
+        for raw in hashes:
+            h = raw if type(raw) is int and raw >= 0 else to_u64(raw)
+            c = counts.get(h, 0)
+            counts[h] = c + 1
+            if c == 0:
+                masks[h] = masks.get(h, 0) | bit
+        self.blocks_applied += len(hashes)
+
+    def _remove(self, e: EngineResidency, medium: str, hashes: Sequence[int | bytes]) -> None:
+        counts = e.counts.get(medium)
+        if not counts:
+            return
+        masks = self._masks[medium]
+        bit = e.bit
+        for raw in hashes:
+            h = raw if type(raw) is int and raw >= 0 else to_u64(raw)
+            c = counts.get(h)
+            if c is None:
+                continue
+            if c > 1:
+                counts[h] = c - 1
+                continue
+            del counts[h]
+            m = masks.get(h, 0) & ~bit
+            if m:
+                masks[h] = m
+            else:
+                masks.pop(h, None)
+        self.blocks_applied += len(hashes)
+
+    def _clear(self, e: EngineResidency) -> None:
+        for medium, counts in e.counts.items():
+            masks = self._masks[medium]
+            for h in counts:
+                m = masks.get(h, 0) & ~e.bit
+                if m:
+                    masks[h] = m
+                else:
+                    masks.pop(h, None)
+            counts.clear()
+
+    # ---- speculation -----------------------------------------------------------------------
+    def speculate(self, engine: str, hashes: Sequence[int], ttl: float, now: float) -> None:
+        """Count ``hashes`` as held by ``engine`` until ``now + ttl`` (routing → event gap)."""
+        with self._lock:
+            e = self._engine(engine)
+            expiry = now + ttl
+            for h in hashes:
+                e.spec[h] = expiry
+                self._spec_mask[h] = self._spec_mask.get(h, 0) | e.bit
+            self._spec_queue.append((expiry, engine, tuple(hashes)))
+
+    def _expire(self, now: float) -> None:
+        q = self._spec_queue
+        while q and q[0][0] <= now:
+            expiry, name, hashes = q.popleft()
+            e = self._engines[name]
+            for h in hashes:
+                if e.spec.get(h) == expiry:
+                    del e.spec[h]
+                    m = self._spec_mask.get(h, 0) & ~e.bit
+                    if m:
+                        self._spec_mask[h] = m
+                    else:
+                        self._spec_mask.pop(h, None)
+
+    # ---- lookup ----------------------------------------------------------------------------
+    def prefix_scores(
+        self, keys: Sequence[int], engines: Sequence[str], *, now: float | None = None
+    ) -> dict[str, PrefixScore]:
+        """Per engine, the leading ``keys`` it holds (any tier) and their tier-weighted score.
+        Stops at the first block no listed engine holds: O(matched blocks)."""
+        with self._lock:
+            self._expire(time.monotonic() if now is None else now)
+            bits = {n: self._engine(n).bit for n in engines}
+            alive = 0
+            for b in bits.values():
+                alive |= b
+            masks = self._masks
+            gpu = masks.get("GPU", {})
+            others = [(w, masks[m]) for m, w in self._weights() if m != "GPU" and m in masks]
+            spec = self._spec_mask
+            held_upto: dict[int, int] = {}
+            discount: dict[int, float] = {}  # engine bit -> score lost to slower tiers
+            for i, h in enumerate(keys):
+                fast = gpu.get(h, 0) | spec.get(h, 0)
+                m = fast
+                slow = 0
+                for _, mm in others:
+                    slow |= mm.get(h, 0)
+                m |= slow
+                dropped = alive & ~m
+                if dropped:
+                    for b in bits.values():
+                        if dropped & b:
+                            held_upto[b] = i
+                    alive &= m
+                    if not alive:
+                        break
+                slow_only = slow & ~fast & alive
+                if slow_only:
+                    w = self._slow_weight(h, others)
+                    for b in bits.values():
+                        if slow_only & b:
+                            discount[b] = discount.get(b, 0.0) + (1.0 - w.get(b, 0.0))
+            for b in bits.values():
+                if alive & b:
+                    held_upto[b] = len(keys)
+            return {
+                n: PrefixScore(held_upto.get(b, 0), held_upto.get(b, 0) - discount.get(b, 0.0))
+                for n, b in bits.items()
+            }
+
+    def _weights(self) -> list[tuple[str, float]]:
+        return [(m, self.tier_weights.get(m, OTHER_TIER_WEIGHT)) for m in self._masks]
+
+    def _slow_weight(self, h: int, others: list[tuple[float, dict[int, int]]]) -> dict[int, float]:
+        """Best slow-tier weight per engine bit for one block."""
+        best: dict[int, float] = {}
+        for w, mm in others:
+            m = mm.get(h, 0)
+            for e in self._engines.values():
+                if m & e.bit and w > best.get(e.bit, -1.0):
+                    best[e.bit] = w
+        return best
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "engines": {
+                    n: {m: len(c) for m, c in e.counts.items()} for n, e in self._engines.items()
+                },
+                "blocks_applied": self.blocks_applied,
+                "speculative": len(self._spec_mask),
+            }
