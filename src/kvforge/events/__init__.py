@@ -8,6 +8,7 @@ from kvforge.events.schema import (
     MalformedEventError,
     decode_batch,
     encode_batch,
+    normalize_hashes,
     to_u64,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "MalformedEventError",
     "decode_batch",
     "encode_batch",
+    "normalize_hashes",
     "to_u64",
 ]

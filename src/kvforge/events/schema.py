@@ -184,3 +184,14 @@ def to_u64(h: HashValue) -> int:
     if isinstance(h, bytes) and h:
         return int.from_bytes(h[-8:], "big")
     raise MalformedEventError(f"bad block hash {h!r}")
+
+
+def normalize_hashes(batch: KVEventBatch) -> KVEventBatch:
+    """Turn every block hash into its u64 form, in place; raises MalformedEventError before
+    anything is applied when one is unusable."""
+    for ev in batch.events:
+        if isinstance(ev, BlockStored | BlockRemoved):
+            ev.block_hashes = [to_u64(h) for h in ev.block_hashes]
+        if isinstance(ev, BlockStored) and ev.parent_block_hash is not None:
+            ev.parent_block_hash = to_u64(ev.parent_block_hash)
+    return batch

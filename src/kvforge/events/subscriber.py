@@ -19,7 +19,12 @@ from typing import Protocol
 
 import zmq
 
-from kvforge.events.schema import KVEventBatch, MalformedEventError, decode_batch
+from kvforge.events.schema import (
+    KVEventBatch,
+    MalformedEventError,
+    decode_batch,
+    normalize_hashes,
+)
 
 log = logging.getLogger(__name__)
 END_SEQ = b"\xff" * 8
@@ -131,7 +136,7 @@ class EventSubscriber:
             return
         seq = int.from_bytes(frames[1], "big")
         try:
-            batch = decode_batch(frames[2])
+            batch = normalize_hashes(decode_batch(frames[2]))
         except MalformedEventError:
             st.malformed += 1
             return
@@ -164,13 +169,14 @@ class EventSubscriber:
         """Apply batches ``[start, upto)`` from the replay endpoint, or resync."""
         got = self._replay(start) if self.replay_endpoint else None
         wanted = [(s, b) for s, b in (got or []) if start <= s < upto]
-        if not wanted or wanted[0][0] != start:
-            if self.stats.last_seq is not None or start > 0:
-                # history is gone: whatever we believed about this engine may be stale
-                self.stats.resyncs += 1
-                log.warning("engine %s: batches %d..%d lost; treating it as cleared",
-                            self.engine, start, upto - 1)  # fmt: skip
-                self.sink.clear_engine(self.engine)
+        if (not wanted or wanted[0][0] != start) and self.stats.last_seq is not None:
+            # history is gone: whatever we believed about this engine may be stale
+            self.stats.resyncs += 1
+            log.warning(
+                "engine %s: batches %d..%d lost; treating it as cleared",
+                self.engine, start, upto - 1,
+            )  # fmt: skip
+            self.sink.clear_engine(self.engine)
         for s, b in wanted:
             if self.stats.last_seq is None or s > self.stats.last_seq:
                 self._apply(s, b)
@@ -201,7 +207,8 @@ class EventSubscriber:
                 if frames[1] != self.topic:
                     continue
                 try:
-                    out.append((int.from_bytes(frames[2], "big"), decode_batch(frames[3])))
+                    batch = normalize_hashes(decode_batch(frames[3]))
+                    out.append((int.from_bytes(frames[2], "big"), batch))
                 except MalformedEventError:
                     self.stats.malformed += 1
         finally:

@@ -179,46 +179,17 @@ class ResidencyIndex:
     ) -> dict[str, PrefixScore]:
         """Per engine, the leading ``keys`` it holds (any tier) and their tier-weighted score.
         Stops at the first block no listed engine holds: O(matched blocks)."""
+        walk = self.walk(engines, now=now)
+        walk.extend(keys)
+        return walk.result()
+
+    def walk(self, engines: Sequence[str], *, now: float | None = None) -> PrefixWalk:
+        """A resumable prefix walk: feed it a prompt's block keys chunk by chunk (so the
+        caller hashes only as far as some engine still holds the prefix)."""
         with self._lock:
             self._expire(time.monotonic() if now is None else now)
             bits = {n: self._engine(n).bit for n in engines}
-            alive = 0
-            for b in bits.values():
-                alive |= b
-            masks = self._masks
-            gpu = masks.get("GPU", {})
-            others = [(w, masks[m]) for m, w in self._weights() if m != "GPU" and m in masks]
-            spec = self._spec_mask
-            held_upto: dict[int, int] = {}
-            discount: dict[int, float] = {}  # engine bit -> score lost to slower tiers
-            for i, h in enumerate(keys):
-                fast = gpu.get(h, 0) | spec.get(h, 0)
-                m = fast
-                slow = 0
-                for _, mm in others:
-                    slow |= mm.get(h, 0)
-                m |= slow
-                dropped = alive & ~m
-                if dropped:
-                    for b in bits.values():
-                        if dropped & b:
-                            held_upto[b] = i
-                    alive &= m
-                    if not alive:
-                        break
-                slow_only = slow & ~fast & alive
-                if slow_only:
-                    w = self._slow_weight(h, others)
-                    for b in bits.values():
-                        if slow_only & b:
-                            discount[b] = discount.get(b, 0.0) + (1.0 - w.get(b, 0.0))
-            for b in bits.values():
-                if alive & b:
-                    held_upto[b] = len(keys)
-            return {
-                n: PrefixScore(held_upto.get(b, 0), held_upto.get(b, 0) - discount.get(b, 0.0))
-                for n, b in bits.items()
-            }
+        return PrefixWalk(self, bits)
 
     def _weights(self) -> list[tuple[str, float]]:
         return [(m, self.tier_weights.get(m, OTHER_TIER_WEIGHT)) for m in self._masks]
@@ -242,3 +213,59 @@ class ResidencyIndex:
                 "blocks_applied": self.blocks_applied,
                 "speculative": len(self._spec_mask),
             }
+
+
+class PrefixWalk:
+    """State of one prompt's walk over the residency masks (see ``ResidencyIndex.walk``)."""
+
+    def __init__(self, index: ResidencyIndex, bits: dict[str, int]) -> None:
+        self._index = index
+        self._bits = bits
+        self._by_bit = {b: n for n, b in bits.items()}
+        self.alive = 0
+        for b in bits.values():
+            self.alive |= b
+        self.position = 0
+        self._held_upto: dict[int, int] = {}
+        self._discount: dict[int, float] = {}  # engine bit -> score lost to slower tiers
+
+    def extend(self, keys: Sequence[int]) -> bool:
+        """Walk further; True while some engine still holds every key seen so far."""
+        idx = self._index
+        with idx._lock:
+            masks = idx._masks
+            gpu = masks.get("GPU", {})
+            others = [(w, masks[m]) for m, w in idx._weights() if m != "GPU" and m in masks]
+            spec = idx._spec_mask
+            alive, pos = self.alive, self.position
+            for h in keys:
+                if not alive:
+                    break
+                fast = gpu.get(h, 0) | spec.get(h, 0)
+                slow = 0
+                for _, mm in others:
+                    slow |= mm.get(h, 0)
+                m = fast | slow
+                dropped = alive & ~m
+                while dropped:  # visit only the engines that stop here
+                    low = dropped & -dropped
+                    self._held_upto[low] = pos
+                    dropped ^= low
+                alive &= m
+                slow_only = slow & ~fast & alive
+                if slow_only:
+                    w = idx._slow_weight(h, others)
+                    while slow_only:
+                        low = slow_only & -slow_only
+                        self._discount[low] = self._discount.get(low, 0.0) + 1.0 - w.get(low, 0.0)
+                        slow_only ^= low
+                pos += 1
+            self.alive, self.position = alive, pos
+        return bool(alive)
+
+    def result(self) -> dict[str, PrefixScore]:
+        out = {}
+        for n, b in self._bits.items():
+            held = self.position if self.alive & b else self._held_upto.get(b, 0)
+            out[n] = PrefixScore(held, held - self._discount.get(b, 0.0))
+        return out

@@ -9,20 +9,28 @@ whose events have not arrived yet), and picks the engine with the lowest
     cost = uncached_blocks × prefill_weight + load × load_weight
 
 among engines that pass the balance guard (an engine whose load exceeds
-``balance_rel × min_load + balance_abs`` is skipped unless every engine is).
+``balance_rel × mean_load + balance_abs`` is skipped unless every engine is). With load in KV
+blocks in use, the defaults (0.1, 1.5, 256) were chosen on the simulator's multi-agent
+workload: they keep a conversation on the replica that holds it (hit rate within a few percent
+of an oracle that ignores load) while the load spread stays near that of least-load routing
+(``benchmarks/bench_route.py``).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xxhash
 
-from kvforge.blocks import BlockHasher, BlockSequence, LoRA, validate_cache_salt
+from kvforge.blocks import BlockHasher, LoRA, block_extra_keys, content_hashes, validate_cache_salt
 from kvforge.errors import InvalidInputError
 from kvforge.route.residency import ResidencyIndex
 from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
@@ -44,6 +52,80 @@ class EngineConfig:
 
     def hash_config(self) -> tuple[str, str | None, int]:
         return (self.hash_algo, self.hash_seed, self.block_size)
+
+
+class HashMemo:
+    """Chain hashes of recently routed blocks, so a conversation's shared prefix is not
+    re-hashed on every turn (sha256 dominates routing cost).
+
+    Key: (parent digest, keyed content hash of the block); block 0 adds the salt and LoRA.
+    The content hash is keyed with a per-process secret, so nobody can craft a block that
+    collides with another's entry. Two generations bound the memory: when the young one is
+    full it becomes the old one and the previous old one is dropped.
+    """
+
+    def __init__(self, hasher: BlockHasher, capacity: int = 1 << 18) -> None:
+        self.hasher = hasher
+        self.capacity = capacity
+        self.secret = int.from_bytes(os.urandom(8), "little")
+        self._young: dict[tuple[Any, ...], tuple[bytes, int]] = {}
+        self._old: dict[tuple[Any, ...], tuple[bytes, int]] = {}
+        self._lock = threading.Lock()
+
+    def keys(self, toks: tuple[int, ...], salt: str | None, lora: LoRA | None) -> _LazyKeys:
+        return _LazyKeys(self, toks, salt, lora)
+
+    def _put(self, key: tuple[Any, ...], h: tuple[bytes, int]) -> None:
+        with self._lock:
+            if len(self._young) >= self.capacity:
+                self._old, self._young = self._young, {}
+            self._young[key] = h
+
+
+class _LazyKeys:
+    """One request's block hashes (u64 event form), computed on demand through the memo."""
+
+    def __init__(self, memo: HashMemo, toks: tuple[int, ...], salt: str | None,
+                 lora: LoRA | None) -> None:  # fmt: skip
+        bs = memo.hasher.block_size
+        self.memo, self.toks, self.salt, self.lora = memo, toks, salt, lora
+        self.num_blocks = len(toks) // bs
+        arr = np.frombuffer(array("I", toks[: self.num_blocks * bs]), dtype=np.uint32)
+        self._ck = content_hashes(arr.reshape(self.num_blocks, bs), seed=memo.secret).tolist()
+        self._digests: list[bytes] = []
+        self.keys: list[int] = []
+
+    def upto(self, k: int) -> list[int]:
+        """Keys of blocks ``[0, k)`` (the returned list may be longer; slice it)."""
+        k = min(k, self.num_blocks)
+        i = len(self._digests)
+        if i >= k:
+            return self.keys
+        memo, hasher = self.memo, self.memo.hasher
+        bs = hasher.block_size
+        young, old = memo._young, memo._old
+        digests, keys, cks = self._digests, self.keys, self._ck
+        prev = digests[-1] if i else hasher.root
+        while i < k:
+            key: tuple[Any, ...] = (prev, cks[i]) if i else (prev, cks[0], self.salt, self.lora)
+            hit = young.get(key)
+            if hit is None:
+                hit = old.get(key)
+                if hit is None:
+                    extra = block_extra_keys(i * bs, (i + 1) * bs, lora=self.lora,
+                                             cache_salt=self.salt)  # fmt: skip
+                    h = hasher.hash_block(prev, self.toks[i * bs : (i + 1) * bs], extra)
+                    hit = (h, int.from_bytes(h[-8:], "big"))
+                memo._put(key, hit)
+            prev = hit[0]
+            digests.append(prev)
+            keys.append(hit[1])
+            i += 1
+        return keys
+
+    @property
+    def num_hashed(self) -> int:
+        return len(self._digests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +150,9 @@ class Router:
         residency: ResidencyIndex | None = None,
         tokenizer: str | Path | PromptTokenizer | None = None,
         prefill_weight: float = 1.0,
-        load_weight: float = 1.0,
+        load_weight: float = 0.1,
         balance_rel: float = 1.5,
-        balance_abs: float = 64.0,
+        balance_abs: float = 256.0,
         speculative_ttl: float = 2.0,
     ):
         if not engines:
@@ -88,12 +170,12 @@ class Router:
         self.balance_rel = balance_rel
         self.balance_abs = balance_abs
         self.speculative_ttl = speculative_ttl
-        self._hashers: dict[tuple[str, str | None, int], BlockHasher] = {}
+        self._memos: dict[tuple[str, str | None, int], HashMemo] = {}
         for e in engines:
             key = e.hash_config()
-            if key not in self._hashers:
-                self._hashers[key] = BlockHasher(e.hash_algo, block_size=e.block_size,
-                                                 hash_seed=e.hash_seed)  # fmt: skip
+            if key not in self._memos:
+                hasher = BlockHasher(e.hash_algo, block_size=e.block_size, hash_seed=e.hash_seed)
+                self._memos[key] = HashMemo(hasher)
 
     @property
     def tokenizer(self) -> PromptTokenizer:
@@ -148,7 +230,7 @@ class Router:
         toks = tuple(token_ids)
         scores: dict[str, float] = {}
         held: dict[str, int] = {}
-        seqs: dict[str, BlockSequence] = {}
+        seqs: dict[str, _LazyKeys] = {}
         # engines sharing a hash configuration (and LoRA path) share one hash computation
         groups: dict[tuple[Any, ...], list[str]] = {}
         for c in candidates:
@@ -156,29 +238,24 @@ class Router:
             path = cfg.loras.get(lora) if lora else None
             groups.setdefault((*cfg.hash_config(), path), []).append(c)
         for (algo, seed, bs, path), members in groups.items():
-            seq = BlockSequence(
-                self._hashers[(algo, seed, bs)], toks, cache_salt=salt,
-                lora=LoRA(lora, path) if lora and path else None,
-            )  # fmt: skip
+            seq = self._memos[(algo, seed, bs)].keys(
+                toks, salt, LoRA(lora, path) if lora and path else None
+            )
             for m in members:
                 seqs[m] = seq
-            res = self._scores(seq, members, now)
-            for m, ps in res.items():
+            for m, ps in self._scores(seq, members, now).items():
                 scores[m] = ps.score
                 held[m] = ps.blocks
         loads = loads or {}
         load = {c: float(loads.get(c, 0.0)) for c in candidates}
-        min_load = min(load.values())
-        limit = self.balance_rel * min_load + self.balance_abs
+        mean_load = sum(load.values()) / len(load)
+        limit = self.balance_rel * mean_load + self.balance_abs
         eligible = [c for c in candidates if load[c] <= limit] or candidates
         costs = {
             c: (seqs[c].num_blocks - scores[c]) * self.prefill_weight + load[c] * self.load_weight
             for c in candidates
         }
-        first = seqs[candidates[0]]
-        tie = first.content_keys[0] if first.num_blocks else xxhash.xxh3_64_intdigest(
-            repr(toks[:16]).encode()
-        )  # fmt: skip
+        tie = xxhash.xxh3_64_intdigest(repr(toks[:16]).encode())
         # lowest cost; ties go to a rendezvous hash of the first block, so cold prompts spread
         best = min(
             eligible,
@@ -191,17 +268,15 @@ class Router:
         if speculate and self.speculative_ttl > 0 and seq.num_hashed:
             # The blocks hashed so far (the longest held prefix plus one chunk, at least 32)
             # are enough for a sibling request with the same prefix to land here too.
-            keys = seq.chain_keys_prefix(seq.num_hashed).tolist()
+            keys = seq.keys[: seq.num_hashed]
             self.residency.speculate(best, keys, self.speculative_ttl, now)
-        return RouteDecision(best, held[best], seq.num_blocks, seq.num_tokens, scores, costs,
+        return RouteDecision(best, held[best], seq.num_blocks, len(toks), scores, costs,
                              reason)  # fmt: skip
 
-    def _scores(self, seq: BlockSequence, members: list[str], now: float) -> dict[str, Any]:
+    def _scores(self, seq: _LazyKeys, members: list[str], now: float) -> dict[str, Any]:
         """Hash only as far as some engine holds the prefix (doubling chunks)."""
-        n = seq.num_blocks
-        k = min(n, 32)
-        while True:
-            res = self.residency.prefix_scores(seq.chain_keys_prefix(k).tolist(), members, now=now)
-            if k == n or max(ps.blocks for ps in res.values()) < k:
-                return res
-            k = min(n, 2 * k)
+        walk = self.residency.walk(members, now=now)
+        done, k = 0, min(seq.num_blocks, 32)
+        while done < seq.num_blocks and walk.extend(seq.upto(k)[done:k]):
+            done, k = k, min(seq.num_blocks, 2 * k)
+        return walk.result()

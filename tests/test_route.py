@@ -1,0 +1,152 @@
+"""Residency from events against a reference model, and router choices on built clusters."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvforge import InvalidInputError
+from kvforge.blocks import BlockHasher, LoRA, chain_keys
+from kvforge.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvforge.route import EngineConfig, ResidencyIndex, Router
+
+ENGINES = ["e0", "e1", "e2"]
+MEDIA = ["GPU", "CPU"]
+hashes = st.lists(st.integers(0, 12), min_size=1, max_size=5)
+ops = st.one_of(
+    st.tuples(st.just("store"), st.sampled_from(ENGINES), st.sampled_from(MEDIA), hashes),
+    st.tuples(st.just("remove"), st.sampled_from(ENGINES), st.sampled_from(MEDIA), hashes),
+    st.tuples(st.just("clear"), st.sampled_from(ENGINES), st.just(""), st.just([])),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ops, max_size=40), st.lists(st.lists(st.integers(0, 12), max_size=8), max_size=5))
+def test_residency_matches_reference(seq_ops, queries) -> None:
+    res = ResidencyIndex()
+    ref: dict[tuple[str, str], Counter[int]] = {(e, m): Counter() for e in ENGINES for m in MEDIA}
+    for op, eng, medium, hs in seq_ops:
+        if op == "store":
+            res.apply(eng, KVEventBatch(0.0, [BlockStored(block_hashes=hs, medium=medium)]))
+            ref[(eng, medium)].update(hs)
+        elif op == "remove":
+            res.apply(eng, KVEventBatch(0.0, [BlockRemoved(block_hashes=hs, medium=medium)]))
+            for h in hs:
+                if ref[(eng, medium)][h] > 0:
+                    ref[(eng, medium)][h] -= 1
+        else:
+            res.apply(eng, KVEventBatch(0.0, [AllBlocksCleared()]))
+            for m in MEDIA:
+                ref[(eng, m)].clear()
+    for keys in queries:
+        got = res.prefix_scores(keys, ENGINES)
+        for e in ENGINES:
+            n, score = 0, 0.0
+            for h in keys:
+                w = max((res.tier_weights[m] for m in MEDIA if ref[(e, m)][h] > 0), default=None)
+                if w is None:
+                    break
+                n += 1
+                score += w
+            assert got[e].blocks == n
+            assert got[e].score == pytest.approx(score)
+
+
+def _keys(tokens, **kw) -> list[int]:
+    return chain_keys(BlockHasher().chain(tokens, **kw)).tolist()
+
+
+PROMPT = list(range(1000, 1000 + 16 * 40))
+
+
+def test_longest_prefix_wins_and_tiers_weigh() -> None:
+    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=0)
+    r.residency.store("e1", _keys(PROMPT)[:30])
+    r.residency.store("e2", _keys(PROMPT)[:20])
+    d = r.route_tokens(PROMPT)
+    assert (d.engine, d.cached_blocks, d.num_blocks) == ("e1", 30, 40)
+    r.residency.store("e2", _keys(PROMPT)[:36], medium="CPU")  # 36 blocks, 16 of them on CPU
+    d = r.route_tokens(PROMPT)
+    assert d.engine == "e2" and d.scores["e2"] == pytest.approx(20 + 16 * 0.8)
+
+
+def test_load_trades_off_against_cached_blocks() -> None:
+    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=0, load_weight=1.0)
+    r.residency.store("e1", _keys(PROMPT)[:30])
+    assert r.route_tokens(PROMPT, loads={"e1": 20}).engine == "e1"  # 10 uncached + 20 < 40
+    assert r.route_tokens(PROMPT, loads={"e1": 35}).engine != "e1"  # 10 + 35 > 40
+
+
+def test_balance_guard_skips_a_hot_replica() -> None:
+    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=0, load_weight=0.0,
+               balance_rel=1.5, balance_abs=100)  # fmt: skip
+    r.residency.store("e1", _keys(PROMPT))
+    assert r.route_tokens(PROMPT, loads={"e1": 150, "e0": 0, "e2": 0}).engine == "e1"  # ≤ 175
+    d = r.route_tokens(PROMPT, loads={"e1": 500, "e0": 0, "e2": 0})  # limit 1.5*166+100=350
+    assert d.engine != "e1" and "overloaded" in d.reason
+    # all over the limit: nobody is skipped
+    assert r.route_tokens(PROMPT, loads={"e1": 500}, engines=["e1"]).engine == "e1"
+
+
+def test_route_decision_matches_a_direct_computation() -> None:
+    """Scores equal the leading blocks each engine holds, computed without the router."""
+    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=0)
+    keys = _keys(PROMPT)
+    held = {"e0": 3, "e1": 17, "e2": 40}
+    for e, n in held.items():
+        r.residency.store(e, keys[:n])
+    r.residency.remove("e2", [keys[5]])  # a hole: e2's prefix now ends at block 5
+    d = r.route_tokens(PROMPT)
+    assert d.scores == {"e0": 3, "e1": 17, "e2": 5}
+    assert d.engine == "e1"
+
+
+def test_cold_siblings_land_together_until_the_speculation_expires() -> None:
+    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=2.0)
+    first = r.route_tokens(PROMPT, now=100.0)
+    assert first.cached_blocks == 0
+    sibling = r.route_tokens([*PROMPT, 1, 2, 3], now=100.5)
+    assert sibling.engine == first.engine and sibling.cached_blocks >= 32
+    later = r.route_tokens(PROMPT, now=103.0, speculate=False)
+    assert later.cached_blocks == 0
+
+
+def test_salts_and_loras_are_part_of_the_key() -> None:
+    cfgs = [EngineConfig("e0"), EngineConfig("e1", loras={"sql": "/adapters/sql"})]
+    r = Router(cfgs, speculative_ttl=0)
+    r.residency.store("e0", _keys(PROMPT, cache_salt="tenant-a"))
+    assert r.route_tokens(PROMPT, cache_salt="tenant-a").cached_blocks == 40
+    assert r.route_tokens(PROMPT, cache_salt="tenant-b").cached_blocks == 0
+    assert r.route_tokens(PROMPT).cached_blocks == 0
+    r.residency.store("e1", _keys(PROMPT, lora=LoRA("sql", "/adapters/sql")))
+    d = r.route_tokens(PROMPT, lora="sql")
+    assert (d.engine, d.cached_blocks) == ("e1", 40)
+    with pytest.raises(InvalidInputError, match="LoRA"):
+        r.route_tokens(PROMPT, lora="unknown")
+
+
+def test_engines_with_other_hash_configs() -> None:
+    cfgs = [EngineConfig("a", hash_algo="xxhash", hash_seed="0"),
+            EngineConfig("b", block_size=32)]  # fmt: skip
+    r = Router(cfgs, speculative_ttl=0)
+    r.residency.store(
+        "a", chain_keys(BlockHasher("xxhash", hash_seed="0").chain(PROMPT)[:10]).tolist()
+    )
+    r.residency.store("b", chain_keys(BlockHasher(block_size=32).chain(PROMPT)[:8]).tolist())
+    d = r.route_tokens(PROMPT)
+    assert d.scores == {"a": 10, "b": 8}
+    assert d.engine == "b"  # 12 of 20 blocks of 32 uncached vs 30 of 40 blocks of 16 → cost
+    with pytest.raises(InvalidInputError):
+        Router([EngineConfig("x"), EngineConfig("x")])
+
+
+def test_route_text_and_chat(tmp_path) -> None:
+    r = Router([EngineConfig(e) for e in ENGINES])
+    d1 = r.route([{"role": "system", "content": "You are a planner. " * 50},
+                  {"role": "user", "content": "go"}])  # fmt: skip
+    d2 = r.route([{"role": "system", "content": "You are a planner. " * 50},
+                  {"role": "user", "content": "again"}])  # fmt: skip
+    assert d2.engine == d1.engine and d2.cached_blocks > 0
