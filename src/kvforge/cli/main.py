@@ -221,6 +221,71 @@ def analyze_cmd(
         console.print(dt)
 
 
+@app.command("simulate")
+def simulate_cmd(
+    trace: Annotated[
+        Path, typer.Argument(help="JSONL trace of {agent_id, prompt|messages|token_ids, t?}.")
+    ],
+    engines: Annotated[int, typer.Option("--engines", min=1)] = 4,
+    blocks_per_engine: Annotated[int, typer.Option("--blocks-per-engine", min=1)] = 8192,
+    policy: Annotated[
+        str,
+        typer.Option(
+            "--policy", help="round_robin, least_load, first_block_hash, prefix, oracle or all"
+        ),
+    ] = "all",
+    block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
+    algo: Annotated[str, typer.Option("--algo")] = "sha256",
+    hash_seed: Annotated[str | None, typer.Option("--hash-seed")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Replay a trace on simulated vLLM-like engines under routing policies and compare the
+    prefix-cache hit rate, prefill tokens and load spread."""
+    from kvforge.analyze import read_trace
+    from kvforge.sim import POLICIES, ClusterConfig, SimRequest, simulate
+
+    names = list(POLICIES) if policy == "all" else [policy]
+    if any(p not in POLICIES for p in names):
+        _fail(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)} or all")
+    try:
+        tk = PromptTokenizer.resolve(tokenizer)
+        reqs = []
+        for r in read_trace(trace):
+            tp = tk.tokenize(r.prompt, tools=r.tools)
+            reqs.append(SimRequest(r.agent_id, tp.token_ids, r.cache_salt, r.t))
+        cfg = ClusterConfig(
+            engines=engines,
+            blocks_per_engine=blocks_per_engine,
+            block_size=block_size,
+            hash_algo=algo,
+            hash_seed=hash_seed,
+        )
+        results = {p: simulate(reqs, p, cfg) for p in names}
+    except KvforgeError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        doc = {"policies": {p: r.to_json() for p, r in results.items()}}
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    table = Table(
+        title=f"{len(reqs)} requests on {engines} engines × {blocks_per_engine} blocks",
+        title_justify="left",
+    )
+    for col in ("policy", "hit rate", "prefill tokens", "prompt tokens", "load CV"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for p, r in results.items():
+        table.add_row(
+            p,
+            f"{r.hit_rate:.1%}",
+            f"{r.prefill_tokens:,}",
+            f"{r.prompt_tokens:,}",
+            f"{r.load_cv:.2f}",
+        )
+    Console().print(table)
+
+
 def main() -> None:
     app()
 

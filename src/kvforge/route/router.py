@@ -75,11 +75,11 @@ class HashMemo:
     def keys(self, toks: tuple[int, ...], salt: str | None, lora: LoRA | None) -> _LazyKeys:
         return _LazyKeys(self, toks, salt, lora)
 
-    def _put(self, key: tuple[Any, ...], h: tuple[bytes, int]) -> None:
+    def put_many(self, items: list[tuple[tuple[Any, ...], tuple[bytes, int]]]) -> None:
         with self._lock:
-            if len(self._young) >= self.capacity:
+            if len(self._young) + len(items) > self.capacity:
                 self._old, self._young = self._young, {}
-            self._young[key] = h
+            self._young.update(items)
 
 
 class _LazyKeys:
@@ -104,7 +104,9 @@ class _LazyKeys:
         memo, hasher = self.memo, self.memo.hasher
         bs = hasher.block_size
         young, old = memo._young, memo._old
-        digests, keys, cks = self._digests, self.keys, self._ck
+        digests, keys, cks, toks = self._digests, self.keys, self._ck, self.toks
+        later_extra = block_extra_keys(bs, 2 * bs, lora=self.lora)  # every block after 0
+        fresh: list[tuple[tuple[Any, ...], tuple[bytes, int]]] = []
         prev = digests[-1] if i else hasher.root
         while i < k:
             key: tuple[Any, ...] = (prev, cks[i]) if i else (prev, cks[0], self.salt, self.lora)
@@ -112,15 +114,18 @@ class _LazyKeys:
             if hit is None:
                 hit = old.get(key)
                 if hit is None:
-                    extra = block_extra_keys(i * bs, (i + 1) * bs, lora=self.lora,
-                                             cache_salt=self.salt)  # fmt: skip
-                    h = hasher.hash_block(prev, self.toks[i * bs : (i + 1) * bs], extra)
+                    extra = later_extra if i else block_extra_keys(
+                        0, bs, lora=self.lora, cache_salt=self.salt
+                    )  # fmt: skip
+                    h = hasher.hash_block(prev, toks[i * bs : (i + 1) * bs], extra)
                     hit = (h, int.from_bytes(h[-8:], "big"))
-                memo._put(key, hit)
+                fresh.append((key, hit))
             prev = hit[0]
             digests.append(prev)
             keys.append(hit[1])
             i += 1
+        if fresh:
+            memo.put_many(fresh)
         return keys
 
     @property
