@@ -30,7 +30,12 @@ class RefIndex:
         return len(got[0]) if got else 0
 
     def expect(
-        self, tenant: str, tokens: list[int], salt: str | None = None, exclude: str | None = None
+        self,
+        tenant: str,
+        tokens: list[int],
+        salt: str | None = None,
+        exclude: str | None = None,
+        near_radius: int = 0,
     ) -> tuple[dict[str, int], list[tuple[str, frozenset[str]]]]:
         chain, toks = self.blocks(tokens, salt)
         depth: dict[str, int] = {}
@@ -53,5 +58,21 @@ class RefIndex:
                 for (t, o), (_, bt) in self.owners.items()
                 if t == tenant and not is_excluded(o, exclude) and toks[i] in bt
             )
-            kinds.append(("moved" if holders else "none", holders))
+            if holders:
+                kinds.append(("moved", holders))
+                continue
+            # near: the owners of the closest blocks within the radius (distance in the kind)
+            best, near = near_radius + 1, set()
+            for (t, o), (_, bt) in self.owners.items():
+                if t != tenant or is_excluded(o, exclude):
+                    continue
+                for blk in bt:
+                    d = sum(a != b for a, b in zip(blk, toks[i], strict=True))
+                    if not 0 < d <= near_radius:
+                        continue
+                    if d < best:
+                        best, near = d, {o}
+                    elif d == best:
+                        near.add(o)
+            kinds.append((f"near{best}", frozenset(near)) if near else ("none", frozenset()))
         return depth, kinds

@@ -25,10 +25,14 @@ salts = st.sampled_from([None, None, "s1"])
 
 def _check(m: SyncMatcher, ref: RefIndex, tenant: str, tokens: list[int], salt, exclude) -> None:
     r = m.find_reusable_blocks(tokens, tenant=tenant, cache_salt=salt, exclude_agent=exclude)
-    depth, kinds = ref.expect(tenant, tokens, salt, exclude)
+    depth, kinds = ref.expect(tenant, tokens, salt, exclude, m.near_radius)
     assert r.prefix_blocks_by_owner == depth
-    assert [b.kind for b in r.blocks] == [k for k, _ in kinds]
+    got = [b.kind + (str(b.distance) if b.kind == "near" else "") for b in r.blocks]
+    assert got == [k for k, _ in kinds]
     for b, (_, holders) in zip(r.blocks, kinds, strict=True):
+        if b.kind == "near":  # the owners of one closest block: among the closest holders
+            assert b.owners and frozenset(b.owners) <= holders
+            continue
         assert frozenset(b.owners) == holders
         # a source really holds these tokens at that position
         for owner, pos in b.sources:
@@ -122,8 +126,9 @@ def test_threaded_stress_matches_reference() -> None:
         if toks is not None:
             ref.put("default", agent, toks)
     for toks in ([1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 9, 9, 1, 2, 3, 4], [2, 3, 4, 5, 5, 6, 7, 8]):
-        depth, kinds = ref.expect("default", toks)
+        depth, kinds = ref.expect("default", toks, near_radius=m.near_radius)
         r = m.find_reusable_blocks(toks)
         assert r.prefix_blocks_by_owner == depth
-        assert [b.kind for b in r.blocks] == [k for k, _ in kinds]
+        got = [b.kind + (str(b.distance) if b.kind == "near" else "") for b in r.blocks]
+        assert got == [k for k, _ in kinds]
     assert m.stats()["agents"] == len(ref.owners)

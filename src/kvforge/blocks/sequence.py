@@ -82,6 +82,11 @@ class BlockSequence:
         return self._keys[: min(k, self.num_blocks)]
 
     @property
+    def all_tokens(self) -> np.ndarray:
+        """Every token of the request, the partial tail included (int64)."""
+        return np.frombuffer(array("q", self._toks), dtype=np.int64)
+
+    @property
     def num_hashed(self) -> int:
         """Blocks whose chain hash has been computed so far."""
         return len(self._chain)

@@ -40,6 +40,29 @@ class PutResult:
 
 
 @dataclass(frozen=True, slots=True)
+class NearHit:
+    """The closest indexed block within the near-duplicate radius (token-Hamming distance:
+    the number of positions whose tokens differ)."""
+
+    owners: tuple[str, ...]
+    sources: tuple[tuple[str, int], ...]  # (owner, block position there), capped
+    distance: int
+    positions: tuple[int, ...]  # in-block positions that differ
+    tokens: tuple[int, ...]  # the indexed block's tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SharedSpan:
+    """A maximal run of identical tokens between the query and an owner's indexed prompt, at
+    any alignment (positions in tokens)."""
+
+    owner: str
+    query_start: int
+    owner_start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class LookupResult:
     """What the index knows about a query's blocks (after exclusion).
 
@@ -59,6 +82,8 @@ class LookupResult:
         default_factory=dict
     )
     deepest_hash_block: int = 0  # leading blocks held by anyone, exclusion ignored
+    near: dict[int, NearHit] = field(default_factory=dict)  # blocks neither exact nor moved
+    spans: list[SharedSpan] = field(default_factory=list)
 
 
 MAX_SOURCES = 16

@@ -19,19 +19,29 @@ from __future__ import annotations
 
 import sys
 from bisect import bisect_right
+from typing import Any
 
 import numpy as np
 
 from kvforge.blocks.hashing import content_hashes
 from kvforge.blocks.sequence import BlockSequence
 from kvforge.errors import HashCollisionError
+from kvforge.index.anchors import (
+    GUARANTEED_SPAN,
+    MAX_NEAR_RADIUS,
+    NEAR_CHUNKS,
+    near_chunk_keys,
+    winnow,
+)
 from kvforge.index.base import (
     MAX_SOURCES,
     BlockIndex,
     IndexStats,
     LookupResult,
+    NearHit,
     OwnerInfo,
     PutResult,
+    SharedSpan,
     is_excluded,
 )
 from kvforge.index.table import U64Table
@@ -88,6 +98,11 @@ class _Tenant:
         self.c_refs = np.zeros(0, dtype=np.int32)
         self.c_block = np.zeros(0, dtype=np.int32)
         self.content_blocks: dict[int, set[int]] = {}
+        # near-duplicates: per chunk, chunk key -> content id (or a set of them)
+        self.near: list[dict[int, int | set[int]]] = [{} for _ in range(NEAR_CHUNKS)]
+        # moved spans: anchor hash -> packed (owner id << 32 | token position)
+        self.anchors: dict[int, int | list[int]] = {}
+        self.owner_anchors: dict[int, np.ndarray] = {}
         # owners
         self.owner_id: dict[str, int] = {}
         self.owner_name: dict[int, str] = {}
@@ -224,6 +239,7 @@ class _Tenant:
             self.c_refs[new] = 0
             self.content.insert(ukeys[missing], new)
             ucids[missing] = new
+            self._near_add(new)
         cids = ucids[inv].astype(np.int32)
         # chain: the held prefix gains an owner, the rest are new blocks
         root = self._root(seq, create=True)
@@ -259,6 +275,7 @@ class _Tenant:
                 self._link_content(c, b)
             bids = np.concatenate([shared, new]).astype(np.int32)
         self.owner_blocks[oid] = bids.astype(np.int32)
+        self._anchors_add(oid, seq.tokens.ravel())
         return n - k, k
 
     def _link_content(self, c: int, b: int) -> None:
@@ -287,6 +304,7 @@ class _Tenant:
         return False
 
     def remove(self, oid: int) -> int:
+        self._anchors_remove(oid)
         bids = self.owner_blocks.pop(oid)
         for b in bids.tolist():
             s = self.block_owners.get(b)
@@ -311,16 +329,83 @@ class _Tenant:
                 d = np.asarray(dead, dtype=np.int32)
                 # content keys are a pure function of the tokens: no need to store them
                 self.content.delete(content_hashes(self.c_tokens[d]))
+                self._near_remove(d)
                 self.c_ids.give(d)
             self.b_owner[freed] = -1
             self.b_ids.give(freed)
         return int(bids.size)
 
+    # multi-maps kept as "one int, or a set/list when shared": most keys have one value
+    @staticmethod
+    def _mm_add(d: dict[int, Any], key: int, val: int, kind: type = set) -> None:
+        cur = d.get(key)
+        if cur is None:
+            d[key] = val
+        elif isinstance(cur, int):
+            d[key] = kind((cur, val))
+        elif kind is set:
+            cur.add(val)
+        else:
+            cur.append(val)
+
+    @staticmethod
+    def _mm_values(cur: Any) -> Any:
+        return () if cur is None else (cur,) if isinstance(cur, int) else cur
+
+    def _near_add(self, cids: np.ndarray) -> None:
+        keys = near_chunk_keys(self.c_tokens[cids]).tolist()
+        for cid, row in zip(cids.tolist(), keys, strict=True):
+            for table, key in zip(self.near, row, strict=True):
+                self._mm_add(table, key, cid)
+
+    def _near_remove(self, cids: np.ndarray) -> None:
+        keys = near_chunk_keys(self.c_tokens[cids]).tolist()
+        for cid, row in zip(cids.tolist(), keys, strict=True):
+            for table, key in zip(self.near, row, strict=True):
+                cur = table.get(key)
+                if isinstance(cur, set):
+                    cur.discard(cid)
+                    if len(cur) == 1:
+                        table[key] = cur.pop()
+                elif cur == cid:
+                    del table[key]
+
+    def _anchors_add(self, oid: int, tokens: np.ndarray) -> None:
+        pos, hashes = winnow(tokens)
+        packed = ((oid << 32) + pos).tolist() if pos.size else []
+        for h, v in zip(hashes.tolist(), packed, strict=True):
+            self._mm_add(self.anchors, h, v, list)
+        self.owner_anchors[oid] = hashes
+
+    def _anchors_remove(self, oid: int) -> None:
+        hashes = self.owner_anchors.pop(oid, None)
+        if hashes is None:
+            return
+        for h in set(hashes.tolist()):
+            cur = self.anchors.get(h)
+            if isinstance(cur, list):
+                keep = [v for v in cur if v >> 32 != oid]
+                if len(keep) == 1:
+                    self.anchors[h] = keep[0]
+                elif keep:
+                    self.anchors[h] = keep
+                else:
+                    del self.anchors[h]
+            elif cur is not None and cur >> 32 == oid:
+                del self.anchors[h]
+
+    def owner_tokens(self, oid: int) -> np.ndarray:
+        """The owner's indexed tokens (its full blocks), rebuilt from the content store."""
+        return self.c_tokens[self.b_content[self.owner_blocks[oid]]].ravel()
+
     # ---- query --------------------------------------------------------------------------
-    def lookup(self, seq: BlockSequence, exclude: str | None) -> LookupResult:
+    def lookup(
+        self, seq: BlockSequence, exclude: str | None, near_radius: int = 0, spans: bool = False
+    ) -> LookupResult:
         n = seq.num_blocks
         if n == 0 or not self.owner_blocks:
-            return LookupResult(0, {}, [])
+            found = self._spans(seq, exclude) if spans and self.owner_blocks else []
+            return LookupResult(0, {}, [], spans=found)
         cids = self._content_ids(seq)
         bids, deep = self._walk(seq, cids)
         chain_b = bids[:deep]
@@ -361,7 +446,92 @@ class _Tenant:
                 start = end
         exact = max(depth.values(), default=0)
         moved = self._moved(cids, exact, exclude)
-        return LookupResult(exact, depth, runs, moved, deep)
+        near = self._near(seq, exact, moved, exclude, near_radius) if near_radius > 0 else {}
+        found = self._spans(seq, exclude) if spans else []
+        return LookupResult(exact, depth, runs, moved, deep, near, found)
+
+    def _near(
+        self,
+        seq: BlockSequence,
+        exact: int,
+        moved: dict[int, Any],
+        exclude: str | None,
+        radius: int,
+    ) -> dict[int, NearHit]:
+        """Closest indexed content within ``radius`` differing tokens, for the blocks that are
+        neither exact nor moved. Exact: every content within the radius shares a chunk key with
+        the query block (pigeonhole), and candidates are checked against the stored tokens."""
+        radius = min(radius, MAX_NEAR_RADIUS)
+        todo = [i for i in range(exact, seq.num_blocks) if i not in moved]
+        if not todo:
+            return {}
+        keys = near_chunk_keys(seq.tokens[todo]).tolist()
+        q_idx: list[int] = []
+        cand: list[int] = []
+        for i, row in zip(todo, keys, strict=True):
+            seen: set[int] = set()
+            for table, key in zip(self.near, row, strict=True):
+                seen.update(self._mm_values(table.get(key)))
+            q_idx += [i] * len(seen)
+            cand += seen
+        if not cand:
+            return {}
+        qi = np.asarray(q_idx)
+        ci = np.asarray(cand)
+        diff = self.c_tokens[ci] != seq.tokens[qi]
+        dist = diff.sum(axis=1)
+        ok = np.flatnonzero((dist > 0) & (dist <= radius))
+        # closest first, then smallest content id: deterministic
+        order = ok[np.lexsort((ci[ok], dist[ok], qi[ok]))]
+        out: dict[int, NearHit] = {}
+        for j in order.tolist():
+            i = int(qi[j])
+            if i in out:
+                continue
+            hit = self._moved_slow(int(ci[j]), exclude)
+            if hit is None:
+                continue
+            out[i] = NearHit(
+                owners=hit[0],
+                sources=hit[1],
+                distance=int(dist[j]),
+                positions=tuple(np.flatnonzero(diff[j]).tolist()),
+                tokens=tuple(self.c_tokens[ci[j]].tolist()),
+            )
+        return out
+
+    def _spans(self, seq: BlockSequence, exclude: str | None) -> list[SharedSpan]:
+        """Maximal shared token runs of at least ``GUARANTEED_SPAN`` tokens with every
+        owner, found from common winnowing anchors and verified token by token. A run on the
+        query's own prefix diagonal that starts at token 0 is the exact prefix, not moved."""
+        q = seq.all_tokens
+        pos, hashes = winnow(q)
+        groups: dict[tuple[int, int], int] = {}
+        for p, h in zip(pos.tolist(), hashes.tolist(), strict=True):
+            for v in self._mm_values(self.anchors.get(h)):
+                oid, op = v >> 32, v & 0xFFFFFFFF
+                groups.setdefault((oid, p - op), p)
+        out: list[SharedSpan] = []
+        names = self.owner_name
+        cache: dict[int, np.ndarray] = {}
+        for oid, diag in sorted(groups):
+            name = names[oid]
+            if is_excluded(name, exclude):
+                continue
+            o = cache.get(oid)
+            if o is None:
+                o = cache[oid] = self.owner_tokens(oid)
+            a, b = max(0, diag), min(q.size, o.size + diag)
+            if b - a < GUARANTEED_SPAN:
+                continue
+            eq = q[a:b] == o[a - diag : b - diag]
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], eq.view(np.int8), [0]))))
+            for s_, e_ in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+                start = a + s_
+                if e_ - s_ >= GUARANTEED_SPAN and not (diag == 0 and start == 0):
+                    out.append(SharedSpan(name, start, start - diag, e_ - s_))
+        out.sort(key=lambda sp: (-sp.length, sp.owner, sp.query_start, sp.owner_start))
+        return out
 
     def _moved(
         self, cids: np.ndarray, exact: int, exclude: str | None
@@ -473,12 +643,18 @@ class MemoryIndex(BlockIndex):
         return n
 
     def lookup(
-        self, tenant: str, seq: BlockSequence, *, exclude: str | None = None
+        self,
+        tenant: str,
+        seq: BlockSequence,
+        *,
+        exclude: str | None = None,
+        near_radius: int = 0,
+        spans: bool = False,
     ) -> LookupResult:
         t = self._tenant(tenant)
         if t is None:
             return LookupResult(0, {}, [])
-        return t.lookup(seq, exclude)
+        return t.lookup(seq, exclude, near_radius, spans)
 
     def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:
         t = self._tenant(tenant)

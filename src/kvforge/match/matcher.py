@@ -9,6 +9,7 @@ and write happens under one lock, so concurrent callers always see a consistent 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,11 +20,14 @@ import numpy as np
 from kvforge.blocks import BlockHasher, BlockSequence, LoRA, event_hash, validate_cache_salt
 from kvforge.errors import InvalidInputError
 from kvforge.index import BlockIndex, LookupResult, MemoryIndex, OwnerInfo
+from kvforge.index.anchors import MAX_NEAR_RADIUS
 from kvforge.match.report import (
     BlockMatch,
     Divergence,
+    Fix,
     IndexResult,
     MatchReport,
+    MovedSpan,
     PrefixHash,
 )
 from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
@@ -66,7 +70,17 @@ class SyncMatcher:
         index: BlockIndex | None = None,
         max_prompt_chars: int = 4_000_000,
         max_prompt_tokens: int = 1_000_000,
+        near_radius: int = 2,
+        find_spans: bool = True,
+        recompute_ratio: float = 0.15,
     ):
+        if not isinstance(near_radius, int) or not 0 <= near_radius <= MAX_NEAR_RADIUS:
+            raise InvalidInputError(f"near_radius must be an integer in [0, {MAX_NEAR_RADIUS}]")
+        if not 0.0 <= recompute_ratio <= 1.0:
+            raise InvalidInputError("recompute_ratio must be in [0, 1]")
+        self.near_radius = near_radius
+        self.find_spans = find_spans
+        self.recompute_ratio = recompute_ratio
         self.hasher = BlockHasher(hash_algo, block_size=block_size, hash_seed=hash_seed)
         self.tokenizer = PromptTokenizer.resolve(tokenizer)
         self.index: BlockIndex = index if index is not None else MemoryIndex(block_size)
@@ -212,7 +226,10 @@ class SyncMatcher:
         """``find_reusable_blocks`` for an already tokenized and hashed prompt."""
         key = _key or _tenant_key(tenant)
         with self._lock:
-            hit = self.index.lookup(key, seq, exclude=exclude_agent)
+            hit = self.index.lookup(
+                key, seq, exclude=exclude_agent, near_radius=self.near_radius,
+                spans=self.find_spans,
+            )  # fmt: skip
             best = _best_owner(hit)
             if best is None and seq.num_blocks:
                 # Nothing shared at block granularity: explain against the prompt that agrees
@@ -225,20 +242,87 @@ class SyncMatcher:
                 else None
             )
             info = self.index.owner_info(key, best) if best else None
+            breaks = self._breaks(key, seq, hit)
         blocks = _blocks(hit, seq.num_blocks, seq.block_size)
         divergence = None
         if best is not None and depth < seq.num_blocks:
             divergence = self._divergence(tp, seq, best, depth, owner_tokens, info, cache_salt)
+        bs = seq.block_size
+        spans = [
+            MovedSpan(sp.owner, sp.query_start, sp.owner_start, sp.length,
+                      max(0, (sp.query_start + sp.length) // bs - -(-sp.query_start // bs)))
+            for sp in hit.spans
+        ]  # fmt: skip
+        moved_tokens = _moved_coverage(seq.num_tokens, bs, hit.exact_blocks, blocks, spans)
         return MatchReport(
             num_tokens=seq.num_tokens,
             num_blocks=seq.num_blocks,
-            block_size=seq.block_size,
+            block_size=bs,
             prefix_blocks_by_owner=hit.prefix_by_owner,
             best_owner=best,
             blocks=blocks,
             divergence=divergence,
             tenant=tenant,
+            moved_spans=spans,
+            fixes=self._fixes(tp, hit, spans, breaks, bs),
+            moved_tokens=moved_tokens,
+            recompute_tokens=math.ceil(moved_tokens * self.recompute_ratio),
         )
+
+    def _breaks(self, key: str, seq: BlockSequence, hit: LookupResult) -> dict[str, int]:
+        """Token where each span owner's prefix stops matching the query (call under lock)."""
+        out: dict[str, int] = {}
+        bs = seq.block_size
+        for sp in hit.spans:
+            o = sp.owner
+            if o in out or len(out) >= 8:
+                continue
+            depth = hit.prefix_by_owner.get(o, 0)
+            toks = self.index.owner_block_tokens(key, o, depth)
+            if toks is None or depth >= seq.num_blocks:
+                out[o] = depth * bs
+                continue
+            same = toks == seq.tokens[depth]
+            out[o] = depth * bs + (int(np.argmin(same)) if not same.all() else bs)
+        return out
+
+    def _fixes(
+        self,
+        tp: TokenizedPrompt,
+        hit: LookupResult,
+        spans: list[MovedSpan],
+        breaks: dict[str, int],
+        bs: int,
+    ) -> list[Fix]:
+        """Per owner: shared content right after the point where the prefix broke — moving the
+        varying text below it would make it exact prefix reuse."""
+        out: list[Fix] = []
+        done: set[str] = set()
+        for sp in spans:  # longest first
+            brk = breaks.get(sp.owner)
+            if brk is None or sp.owner in done or sp.query_start < brk:
+                continue
+            gain = (brk + sp.length) // bs * bs - hit.prefix_by_owner.get(sp.owner, 0) * bs
+            if gain < 2 * bs or sp.query_start - brk > 4 * bs:
+                continue
+            done.add(sp.owner)
+            text = self._text(tp, brk, sp.query_start) if sp.query_start > brk else ""
+            what = repr(text[:60]) if text else "the text at that point"
+            out.append(
+                Fix(
+                    owner=sp.owner,
+                    break_token=brk,
+                    shared_tokens=sp.length,
+                    gain_tokens=gain,
+                    breaking_text=text,
+                    advice=(
+                        f"{what} at token {brk} breaks {sp.length:,} tokens shared with "
+                        f"{sp.owner} (there at token {sp.owner_start}): put it after them "
+                        f"(+{gain:,} prefix-reusable tokens)"
+                    ),
+                )
+            )
+        return out
 
     def get_shared_prefix_hash(
         self,
@@ -383,16 +467,36 @@ def _blocks(hit: LookupResult, n: int, bs: int) -> list[BlockMatch]:
     new = tuple.__new__
     out: list[BlockMatch] = []
     for start, end, owners in hit.exact_runs:
-        out += [new(BlockMatch, (i, i * bs, "exact", owners, ())) for i in range(start, end)]
-    moved = hit.moved
+        out += [new(BlockMatch, (i, i * bs, "exact", owners, (), 0, ())) for i in range(start, end)]
+    moved, near = hit.moved, hit.near
     none = ()
     for i in range(hit.exact_blocks, n):
         m = moved.get(i)
-        if m is None:
-            out.append(new(BlockMatch, (i, i * bs, "none", none, none)))
+        if m is not None:
+            out.append(new(BlockMatch, (i, i * bs, "moved", m[0], m[1], 0, none)))
+            continue
+        nh = near.get(i)
+        if nh is None:
+            out.append(new(BlockMatch, (i, i * bs, "none", none, none, 0, none)))
         else:
-            out.append(new(BlockMatch, (i, i * bs, "moved", m[0], m[1])))
+            diff = tuple((p, -1, nh.tokens[p]) for p in nh.positions)
+            out.append(new(BlockMatch, (i, i * bs, "near", nh.owners, nh.sources,
+                                        nh.distance, diff)))  # fmt: skip
     return out
+
+
+def _moved_coverage(
+    num_tokens: int, bs: int, exact: int, blocks: list[BlockMatch], spans: list[MovedSpan]
+) -> int:
+    """Query tokens after the exact prefix that some moved block or span covers."""
+    mask = np.zeros(num_tokens, dtype=bool)
+    for b in blocks:
+        if b.kind == "moved":
+            mask[b.start : b.start + bs] = True
+    for sp in spans:
+        mask[sp.query_start : sp.query_start + sp.length] = True
+    mask[: exact * bs] = False
+    return int(mask.sum())
 
 
 class Matcher:

@@ -7,15 +7,20 @@ Kinds, from strongest to weakest:
 * ``moved`` — the same tokens sit in an indexed prompt at another position or after another
   prefix. The KV differs (attention saw another prefix); reusable only by recompute-style
   engines (CacheBlend/EPIC) or by moving the varying part of the prompt below it.
+* ``near`` — an indexed block differs in at most ``near_radius`` token positions (a changed
+  date, name, number or whitespace token): not reusable, but a sign of prompt drift.
 * ``none`` — nothing indexed holds these tokens.
+
+Shared content that is not block-aligned in both prompts is reported as ``moved_spans``
+(maximal runs of identical tokens at any alignment; every run of >= 32 tokens is found).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
-BlockKind = Literal["exact", "moved", "none"]
+BlockKind = Literal["exact", "moved", "near", "none"]
 
 
 class BlockMatch(NamedTuple):
@@ -25,7 +30,32 @@ class BlockMatch(NamedTuple):
     start: int  # first token of the block
     kind: BlockKind
     owners: tuple[str, ...] = ()
-    sources: tuple[tuple[str, int], ...] = ()  # moved: (owner, block position there), capped
+    sources: tuple[tuple[str, int], ...] = ()  # moved/near: (owner, block position), capped
+    distance: int = 0  # near: differing token positions
+    diff: tuple[tuple[int, int, int], ...] = ()  # near: (position, query token, indexed token)
+
+
+@dataclass(frozen=True, slots=True)
+class MovedSpan:
+    """Identical tokens at another position: reusable only with a recompute-style engine."""
+
+    owner: str
+    query_start: int
+    owner_start: int
+    length: int  # tokens
+    query_blocks: int  # whole engine blocks of the query inside the span
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """A layout change that turns moved content into exact prefix reuse."""
+
+    owner: str
+    break_token: int  # where the query's prefix stops matching the owner's
+    shared_tokens: int  # the moved span that follows
+    gain_tokens: int  # extra prefix-reusable tokens if the varying part moved below the span
+    breaking_text: str  # the query text between the break and the shared span
+    advice: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +82,10 @@ class MatchReport:
     blocks: list[BlockMatch]
     divergence: Divergence | None = None
     tenant: str | None = None
+    moved_spans: list[MovedSpan] = field(default_factory=list)
+    fixes: list[Fix] = field(default_factory=list)
+    moved_tokens: int = 0  # query tokens (outside the exact prefix) inside some moved span/block
+    recompute_tokens: int = 0  # CacheBlend-style budget to reuse them (recompute_ratio of them)
 
     @property
     def exact_blocks(self) -> int:
@@ -63,6 +97,10 @@ class MatchReport:
         return sum(1 for b in self.blocks if b.kind == "moved")
 
     @property
+    def near_blocks(self) -> int:
+        return sum(1 for b in self.blocks if b.kind == "near")
+
+    @property
     def reusable_tokens(self) -> int:
         return self.exact_blocks * self.block_size
 
@@ -70,6 +108,7 @@ class MatchReport:
         d = asdict(self)
         d["exact_blocks"] = self.exact_blocks
         d["moved_blocks"] = self.moved_blocks
+        d["near_blocks"] = self.near_blocks
         d["reusable_tokens"] = self.reusable_tokens
         return d
 

@@ -1,0 +1,170 @@
+"""Shared content at other positions (spans) and near-duplicate blocks, against brute force."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvforge import PromptTokenizer, SyncMatcher
+from kvforge.index.anchors import GUARANTEED_SPAN, winnow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def brute_spans(q: list[int], owners: dict[str, list[int]], bs: int) -> set[tuple]:
+    """Every maximal diagonal run of >= 32 equal tokens between the query and each owner's
+    indexed (full-block) tokens, except the prefix run at (0, 0)."""
+    out = set()
+    for name, toks in owners.items():
+        o = toks[: len(toks) // bs * bs]
+        for diag in range(-len(o) + 1, len(q)):
+            run = 0
+            a = max(0, diag)
+            for qi in range(a, min(len(q), len(o) + diag) + 1):
+                same = qi < min(len(q), len(o) + diag) and q[qi] == o[qi - diag]
+                if same:
+                    run += 1
+                    continue
+                if run >= GUARANTEED_SPAN and not (diag == 0 and qi - run == 0):
+                    out.add((name, qi - run, qi - run - diag, run))
+                run = 0
+    return out
+
+
+def _spans(m: SyncMatcher, q: list[int], **kw) -> set[tuple]:
+    r = m.find_reusable_blocks(q, **kw)
+    return {(s.owner, s.query_start, s.owner_start, s.length) for s in r.moved_spans}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_spans_equal_brute_force_on_random_prompts(data: st.DataObject) -> None:
+    rnd = random.Random(data.draw(st.integers(0, 10**6)))
+    vocab = data.draw(st.sampled_from([3, 50, 5000]))  # tiny vocabularies: many repeats
+
+    def toks(n: int) -> list[int]:
+        return [rnd.randrange(vocab) for _ in range(n)]
+
+    doc = toks(rnd.randint(20, 120))
+    owners = {f"a{i}": toks(rnd.randint(0, 40)) + doc + toks(rnd.randint(0, 40))
+              for i in range(rnd.randint(1, 3))}  # fmt: skip
+    m = SyncMatcher(block_size=16)
+    for name, t in owners.items():
+        m.index_prompt(name, t)
+    q = toks(rnd.randint(0, 50)) + doc[rnd.randint(0, 10) :] + toks(rnd.randint(0, 30))
+    assert _spans(m, q) == brute_spans(q, owners, 16)
+
+
+def test_spans_on_real_text_and_cacheblend_budget() -> None:
+    tk = PromptTokenizer.qwen3()
+    doc = (ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE").read_text()[:6000]
+    m = SyncMatcher(tokenizer=tk)
+    a = tk.encode_text("You are the retriever.\n\n" + doc).token_ids
+    m.index_prompt("retriever", list(a))
+    q = list(tk.encode_text("Critic here. Please check this document:\n" + doc).token_ids)
+    got = _spans(m, q)
+    assert got == brute_spans(q, {"retriever": list(a)}, 16)
+    r = m.find_reusable_blocks(q)
+    top = r.moved_spans[0]
+    assert top.owner == "retriever" and top.length > 1000
+    assert q[top.query_start : top.query_start + top.length] == list(
+        a[top.owner_start : top.owner_start + top.length])  # fmt: skip
+    assert r.exact_blocks == 0 and all(b.kind != "exact" for b in r.blocks)
+    assert r.moved_tokens >= top.length - 16 and r.recompute_tokens == -(
+        -r.moved_tokens * 15 // 100
+    )
+
+
+def test_winnowing_guarantee() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        shared = rng.integers(0, 100, GUARANTEED_SPAN)
+        x = np.concatenate([rng.integers(0, 100, rng.integers(0, 40)), shared,
+                            rng.integers(0, 100, 20)])  # fmt: skip
+        y = np.concatenate([rng.integers(0, 100, rng.integers(0, 40)), shared])
+        hx, hy = set(winnow(x)[1].tolist()), set(winnow(y)[1].tolist())
+        assert hx & hy
+
+
+def _brute_near(q: np.ndarray, rows: np.ndarray, r: int) -> int | None:
+    d = (rows != q).sum(axis=1)
+    d = d[(d > 0) & (d <= r)]
+    return int(d.min()) if d.size else None
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_near_radius_search_equals_brute_force(radius: int) -> None:
+    rng = np.random.default_rng(radius)
+    base = rng.integers(0, 30, (200, 16))  # small vocabulary: many close pairs
+    m = SyncMatcher(near_radius=radius)
+    for i in range(0, 200, 10):
+        m.index_prompt(f"o{i}", base[i : i + 10].ravel().tolist())
+    for _ in range(30):
+        q = base[rng.integers(0, 200, 8)].copy()
+        k = rng.integers(0, 5, 8)
+        for row, kk in zip(q, k, strict=True):
+            row[rng.choice(16, kk, replace=False)] = rng.integers(0, 30, kk)
+        r = m.find_reusable_blocks(rng.integers(100, 200, 16).tolist() + q.ravel().tolist())
+        for b in r.blocks[1:]:
+            want = _brute_near(q[b.index - 1], base, radius)
+            if b.kind in ("moved", "exact"):
+                continue
+            assert (b.distance if b.kind == "near" else None) == want, (b, want)
+            if b.kind == "near":
+                for pos, _, tok in b.diff:
+                    assert q[b.index - 1][pos] != tok
+
+
+def test_near_finds_small_edits_and_explains_them() -> None:
+    tk = PromptTokenizer.qwen3()
+    text = ("Meeting notes for 2026-11-27. Attendees: Alice, Bob. The planner proposed a "
+            "token bucket; the critic asked for a Redis outage drill. ") * 8  # fmt: skip
+    m = SyncMatcher(tokenizer=tk)
+    m.index_prompt("notes", text)
+    q = text.replace("2026-11-27", "2026-11-28")
+    r = m.find_reusable_blocks(q)
+    kinds = [b.kind for b in r.blocks]
+    assert "near" in kinds and kinds[0] == "near"
+    near = next(b for b in r.blocks if b.kind == "near")
+    assert near.distance == 1 and near.owners == ("notes",)
+    assert tk.decode([near.diff[0][2]]) == "7"
+
+
+def test_fix_advice_for_a_name_early_in_a_template() -> None:
+    tk = PromptTokenizer.qwen3()
+    shared = (ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE").read_text()[:4000]
+    m = SyncMatcher(tokenizer=tk)
+    m.index_prompt("planner", "You are agent PLANNER.\n" + shared)
+    r = m.find_reusable_blocks("You are agent CRITIC-7.\n" + shared, exclude_agent="critic")
+    assert r.fixes, r.moved_spans[:2]
+    fix = r.fixes[0]
+    assert fix.owner == "planner" and fix.gain_tokens > 500
+    assert "CRIT" in fix.breaking_text and "put it after them" in fix.advice
+
+
+def test_spans_and_near_respect_tenants_exclusion_and_clearing() -> None:
+    rng = np.random.default_rng(5)
+    doc = rng.integers(0, 150000, 200).tolist()
+    m = SyncMatcher()
+    m.index_prompt("a", [1, 2, 3, *doc], tenant="t1")
+    m.index_prompt("a:system", [9, *doc], tenant="t2")
+    q = [7, 7, 7, 7, 7, *doc]
+    assert {s.owner for s in m.find_reusable_blocks(q, tenant="t1").moved_spans} == {"a"}
+    assert {s.owner for s in m.find_reusable_blocks(q, tenant="t2").moved_spans} == {"a:system"}
+    assert m.find_reusable_blocks(q, tenant="t2", exclude_agent="a").moved_spans == []
+    assert m.find_reusable_blocks(q, tenant="t3").moved_spans == []
+    m.index_prompt("a", [4] * 40, tenant="t1")  # re-index drops the old anchors
+    assert m.find_reusable_blocks(q, tenant="t1").moved_spans == []
+    m.clear_agent("a:system", tenant="t2")
+    assert m.find_reusable_blocks(q, tenant="t2").moved_spans == []
+    edited = list(doc[:48])
+    edited[3] += 1
+    m.index_prompt("b", doc[:48], tenant="t1")
+    assert next(b.kind for b in m.find_reusable_blocks(edited, tenant="t1").blocks) == "near"
+    m.clear_agent("b", tenant="t1")
+    assert next(b.kind for b in m.find_reusable_blocks(edited, tenant="t1").blocks) == "none"
