@@ -96,6 +96,7 @@ class AgentTotals:
     prompt_tokens: int = 0
     exact_tokens: int = 0
     moved_tokens: int = 0
+    near_tokens: int = 0
 
 
 @dataclass
@@ -117,6 +118,7 @@ class TraceAnalysis:
     pair_exact: dict[tuple[str, str], int] = field(default_factory=dict)
     pair_moved: dict[tuple[str, str], int] = field(default_factory=dict)
     divergences: list[Divergence] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
     per_request: list[tuple[int, str, int, int, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -129,6 +131,7 @@ class TraceAnalysis:
                     "prompt_tokens": t.prompt_tokens,
                     "exact_tokens": t.exact_tokens,
                     "moved_tokens": t.moved_tokens,
+                    "near_tokens": t.near_tokens,
                 }
                 for a, t in sorted(self.agents.items())
             },
@@ -142,6 +145,7 @@ class TraceAnalysis:
                 for a, b in pairs
             ],
             "divergences": [vars(d) for d in self.divergences],
+            "advice": self.advice,
             "requests": [
                 {"line": ln, "agent": a, "prompt_tokens": n, "exact_tokens": e, "moved_tokens": m}
                 for ln, a, n, e, m in self.per_request
@@ -168,9 +172,15 @@ def analyze(
         tot.requests += 1
         tot.prompt_tokens += seq.num_tokens
         exact = report.exact_blocks * bs
-        moved = report.moved_blocks * bs
+        moved = report.moved_tokens
         tot.exact_tokens += exact
         tot.moved_tokens += moved
+        tot.near_tokens += report.near_blocks * bs
+        for fix in report.fixes:
+            src = _agent_of(fix.owner)
+            out.advice.append(
+                f"{req.agent_id} (line {req.line}) vs {src}: " + fix.advice.replace(fix.owner, src)
+            )
         out.per_request.append((req.line, req.agent_id, seq.num_tokens, exact, moved))
         _credit_pairs(out, req.agent_id, report)
         d = report.divergence

@@ -194,13 +194,13 @@ def analyze_cmd(
         return
     console = Console()
     t = Table(title="Per agent (tokens)", title_justify="left")
-    for col in ("agent", "requests", "prompt", "exact (prefix)", "moved", "exact %"):
+    for col in ("agent", "requests", "prompt", "exact (prefix)", "moved", "near", "exact %"):
         t.add_column(col, justify="left" if col == "agent" else "right")
     for name, a in sorted(result.agents.items()):
         pct = 100 * a.exact_tokens / a.prompt_tokens if a.prompt_tokens else 0.0
         t.add_row(
             name, str(a.requests), f"{a.prompt_tokens:,}", f"{a.exact_tokens:,}",
-            f"{a.moved_tokens:,}", f"{pct:.0f}%",
+            f"{a.moved_tokens:,}", f"{a.near_tokens:,}", f"{pct:.0f}%",
         )  # fmt: skip
     console.print(t)
     pairs = result.to_json()["pairs"]
@@ -212,6 +212,8 @@ def analyze_cmd(
         for p in pairs:
             pt.add_row(p["agent"], p["source"], f"{p['exact_tokens']:,}", f"{p['moved_tokens']:,}")
         console.print(pt)
+    for line in result.advice:
+        console.print(f"[bold]advice:[/] {line}", highlight=False)
     if result.divergences:
         dt = Table(title="Where prefixes break", title_justify="left")
         for col in ("line", "agent", "vs", "token", "why"):

@@ -465,14 +465,18 @@ class _Tenant:
         todo = [i for i in range(exact, seq.num_blocks) if i not in moved]
         if not todo:
             return {}
-        keys = near_chunk_keys(seq.tokens[todo]).tolist()
+        keys = near_chunk_keys(seq.tokens[todo]).T.tolist()
+        # one C-level pass per chunk table; Python only touches the blocks with candidates
+        found = [list(map(table.get, col)) for table, col in zip(self.near, keys, strict=True)]
         q_idx: list[int] = []
         cand: list[int] = []
-        for i, row in zip(todo, keys, strict=True):
+        for j, hits in enumerate(zip(*found, strict=True)):
+            if not any(h is not None for h in hits):
+                continue
             seen: set[int] = set()
-            for table, key in zip(self.near, row, strict=True):
-                seen.update(self._mm_values(table.get(key)))
-            q_idx += [i] * len(seen)
+            for h in hits:
+                seen.update(self._mm_values(h))
+            q_idx += [todo[j]] * len(seen)
             cand += seen
         if not cand:
             return {}
