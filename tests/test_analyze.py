@@ -1,0 +1,54 @@
+"""kvforge analyze on the shipped example: numbers recomputed independently from token lists."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from kvforge import PromptTokenizer
+from kvforge.analyze import read_trace
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipeline.jsonl"
+
+
+def test_exact_tokens_equal_an_unlimited_prefix_cache() -> None:
+    tk = PromptTokenizer.qwen3()
+    reqs = read_trace(EXAMPLE)
+    seen: dict[str | None, list[tuple[int, ...]]] = {}
+    want: dict[str, dict[str, int]] = {}
+    for r in reqs:
+        ids = tk.tokenize(r.prompt, tools=r.tools).token_ids
+        best = 0
+        for prev in seen.get(r.tenant, []):
+            n = 0
+            while (n + 1) * 16 <= min(len(prev), len(ids)) and prev[: (n + 1) * 16] == ids[
+                : (n + 1) * 16
+            ]:
+                n += 1
+            best = max(best, n)
+        a = want.setdefault(r.agent_id, {"requests": 0, "prompt_tokens": 0, "exact_tokens": 0})
+        a["requests"] += 1
+        a["prompt_tokens"] += len(ids)
+        a["exact_tokens"] += best * 16
+        seen.setdefault(r.tenant, []).append(ids)
+    cmd = [sys.executable, "-m", "kvforge.cli.main", "analyze", str(EXAMPLE), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    for agent, w in want.items():
+        got = doc["agents"][agent]
+        assert {k: got[k] for k in w} == w
+        assert got["moved_tokens"] + got["exact_tokens"] <= got["prompt_tokens"]
+        assert "near_tokens" in got
+    assert isinstance(doc["pairs"], list) and isinstance(doc["advice"], list)
+    assert any("put it after them" in a for a in doc["advice"])
+
+
+def test_analyze_rejects_bad_traces(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"agent_id": "a"}\n')
+    out = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "analyze", str(bad)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and "exactly one of" in out.stderr
