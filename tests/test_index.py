@@ -65,11 +65,16 @@ def test_reordered_sections(m: SyncMatcher) -> None:
     assert d is not None and d.owner == "x" and d.block_index == 2 and d.token_index == 32
 
 
+def _counts(m: SyncMatcher) -> dict:
+    # memory figures are approximate (dicts keep their capacity after deletions)
+    return {k: v for k, v in m.stats().items() if not k.startswith("memory")}
+
+
 def test_reindex_replaces_previous_prompt(m: SyncMatcher) -> None:
     m.index_prompt("a", ids(0, 64))
-    first = m.stats()
+    first = _counts(m)
     again = m.index_prompt("a", ids(0, 64))
-    assert m.stats() == first and again.shared_blocks == 0 and again.new_blocks == 4
+    assert _counts(m) == first and again.shared_blocks == 0 and again.new_blocks == 4
     m.index_prompt("a", ids(500, 32))
     assert m.find_reusable_blocks(ids(0, 64)).prefix_blocks_by_owner == {}
     assert m.find_reusable_blocks(ids(500, 32)).prefix_blocks_by_owner == {"a": 2}

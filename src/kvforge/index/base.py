@@ -98,6 +98,7 @@ class IndexStats:
     contents: int  # distinct block contents
     nbytes: int  # approximate memory held by the index structures
     exact_nbytes: int = 0  # of which the exact index (chain → owners, owner → blocks)
+    similarity_nbytes: int = 0  # of which near-duplicate and moved-span tables
 
 
 class BlockIndex(ABC):

@@ -590,8 +590,8 @@ class _Tenant:
                     sources.append((name, d))
         return (tuple(sorted(owners)), tuple(sorted(sources))) if owners else None
 
-    def nbytes(self) -> tuple[int, int]:
-        """Approximate bytes held: (exact index, content store)."""
+    def nbytes(self) -> tuple[int, int, int]:
+        """Approximate bytes held: (exact index, content store, similarity tables)."""
         exact_arrays = (
             self.b_key, self.b_parent, self.b_content, self.b_depth, self.b_owner, self.b_nown,
         )  # fmt: skip
@@ -602,7 +602,13 @@ class _Tenant:
         content = self.c_tokens.nbytes + self.c_refs.nbytes + self.c_block.nbytes
         content += self.content.nbytes + sys.getsizeof(self.content_blocks)
         content += sum(sys.getsizeof(s) for s in self.content_blocks.values())
-        return exact, content
+        similar = 0
+        for table in (*self.near, self.anchors):
+            # int keys and values (~32 B each) plus the sets/lists of shared keys
+            similar += sys.getsizeof(table) + 64 * len(table)
+            similar += sum(sys.getsizeof(v) for v in table.values() if not isinstance(v, int))
+        similar += sum(a.nbytes + 112 for a in self.owner_anchors.values())
+        return exact, content, similar
 
 
 class MemoryIndex(BlockIndex):
@@ -702,12 +708,14 @@ class MemoryIndex(BlockIndex):
 
     def stats(self) -> IndexStats:
         ts = self._tenants.values()
+        parts = [t.nbytes() for t in ts]
         return IndexStats(
             tenants=len(self._tenants),
             owners=sum(len(t.owner_id) for t in ts),
             blocks=sum(len(t.chain) for t in ts),
             owner_blocks=sum(int(b.size) for t in ts for b in t.owner_blocks.values()),
             contents=sum(len(t.content) for t in ts),
-            nbytes=sum(sum(t.nbytes()) for t in ts),
-            exact_nbytes=sum(t.nbytes()[0] for t in ts),
+            nbytes=sum(sum(sizes) for sizes in parts),
+            exact_nbytes=sum(sizes[0] for sizes in parts),
+            similarity_nbytes=sum(sizes[2] for sizes in parts),
         )

@@ -368,6 +368,7 @@ class SyncMatcher:
             "contents": s.contents,
             "memory_bytes": s.nbytes,
             "memory_bytes_exact_index": s.exact_nbytes,
+            "memory_bytes_similarity": s.similarity_nbytes,
             "block_size": self.block_size,
             "hash_algo": self.hash_algo,
             "tokenizer": self.tokenizer.name,
