@@ -116,8 +116,8 @@ def test_near_radius_search_equals_brute_force(radius: int) -> None:
                 continue
             assert (b.distance if b.kind == "near" else None) == want, (b, want)
             if b.kind == "near":
-                for pos, _, tok in b.diff:
-                    assert q[b.index - 1][pos] != tok
+                for pos, qtok, tok in b.diff:
+                    assert q[b.index - 1][pos] == qtok != tok
 
 
 def test_near_finds_small_edits_and_explains_them() -> None:
@@ -132,7 +132,7 @@ def test_near_finds_small_edits_and_explains_them() -> None:
     assert "near" in kinds and kinds[0] == "near"
     near = next(b for b in r.blocks if b.kind == "near")
     assert near.distance == 1 and near.owners == ("notes",)
-    assert tk.decode([near.diff[0][2]]) == "7"
+    assert tk.decode([near.diff[0][1]]) == "8" and tk.decode([near.diff[0][2]]) == "7"
 
 
 def test_fix_advice_for_a_name_early_in_a_template() -> None:

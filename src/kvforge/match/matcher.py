@@ -243,7 +243,7 @@ class SyncMatcher:
             )
             info = self.index.owner_info(key, best) if best else None
             breaks = self._breaks(key, seq, hit)
-        blocks = _blocks(hit, seq.num_blocks, seq.block_size)
+        blocks = _blocks(hit, seq.num_blocks, seq.block_size, seq.tokens)
         divergence = None
         if best is not None and depth < seq.num_blocks:
             divergence = self._divergence(tp, seq, best, depth, owner_tokens, info, cache_salt)
@@ -463,7 +463,7 @@ def _best_owner(hit: LookupResult) -> str | None:
     return min(candidates, key=lambda o: (-moved_count.get(o, 0), o))
 
 
-def _blocks(hit: LookupResult, n: int, bs: int) -> list[BlockMatch]:
+def _blocks(hit: LookupResult, n: int, bs: int, tokens: np.ndarray) -> list[BlockMatch]:
     # tuple.__new__ skips the named tuple's Python-level constructor: 512 blocks in ~0.1 ms
     new = tuple.__new__
     out: list[BlockMatch] = []
@@ -480,7 +480,7 @@ def _blocks(hit: LookupResult, n: int, bs: int) -> list[BlockMatch]:
         if nh is None:
             out.append(new(BlockMatch, (i, i * bs, "none", none, none, 0, none)))
         else:
-            diff = tuple((p, -1, nh.tokens[p]) for p in nh.positions)
+            diff = tuple((p, int(tokens[i, p]), nh.tokens[p]) for p in nh.positions)
             out.append(new(BlockMatch, (i, i * bs, "near", nh.owners, nh.sources,
                                         nh.distance, diff)))  # fmt: skip
     return out
