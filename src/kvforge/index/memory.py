@@ -27,6 +27,7 @@ from kvforge.blocks.hashing import content_hashes
 from kvforge.blocks.sequence import BlockSequence
 from kvforge.errors import HashCollisionError
 from kvforge.index.anchors import (
+    ANCHOR_K,
     GUARANTEED_SPAN,
     MAX_NEAR_RADIUS,
     NEAR_CHUNKS,
@@ -447,7 +448,7 @@ class _Tenant:
         exact = max(depth.values(), default=0)
         moved = self._moved(cids, exact, exclude)
         near = self._near(seq, exact, moved, exclude, near_radius) if near_radius > 0 else {}
-        found = self._spans(seq, exclude) if spans else []
+        found = self._spans(seq, exclude, depth) if spans else []
         return LookupResult(exact, depth, runs, moved, deep, near, found)
 
     def _near(
@@ -504,16 +505,24 @@ class _Tenant:
             )
         return out
 
-    def _spans(self, seq: BlockSequence, exclude: str | None) -> list[SharedSpan]:
+    def _spans(
+        self, seq: BlockSequence, exclude: str | None, depth: dict[str, int] | None = None
+    ) -> list[SharedSpan]:
         """Maximal shared token runs of at least ``GUARANTEED_SPAN`` tokens with every
         owner, found from common winnowing anchors and verified token by token. A run on the
         query's own prefix diagonal that starts at token 0 is the exact prefix, not moved."""
         q = seq.all_tokens
         pos, hashes = winnow(q)
+        # anchors inside an owner's exact prefix only lead back to that prefix run: skipping
+        # them keeps a system prompt shared by thousands of owners from costing a scan each
+        bs = seq.block_size
+        prefix = {self.owner_id[n]: d * bs for n, d in (depth or {}).items()}
         groups: dict[tuple[int, int], int] = {}
         for p, h in zip(pos.tolist(), hashes.tolist(), strict=True):
             for v in self._mm_values(self.anchors.get(h)):
                 oid, op = v >> 32, v & 0xFFFFFFFF
+                if p == op and p + ANCHOR_K <= prefix.get(oid, 0):
+                    continue
                 groups.setdefault((oid, p - op), p)
         out: list[SharedSpan] = []
         names = self.owner_name
