@@ -93,6 +93,8 @@ class _Tenant:
         self.b_nown = np.zeros(0, dtype=np.int32)
         self.block_owners: dict[int, set[int]] = {}
         self.namespaces: dict[tuple[str, str, str], int] = {}
+        self.version = 0  # bumped by every write; invalidates ``_owner_cache``
+        self._owner_cache: dict[int, tuple[int, set[int], list[tuple[str, int]]]] = {}
         # contents
         self.c_ids = _IdPool()
         self.c_tokens = np.zeros((0, block_size), dtype=np.uint32)
@@ -225,6 +227,8 @@ class _Tenant:
             raise HashCollisionError("a chain key collides with a stored block of another prefix")
 
     def put(self, oid: int, seq: BlockSequence) -> tuple[int, int]:
+        self.version += 1
+        self._owner_cache.clear()
         n = seq.num_blocks
         # contents: one row per distinct token tuple
         ukeys, first, inv = np.unique(seq.content_keys, return_index=True, return_inverse=True)
@@ -305,6 +309,8 @@ class _Tenant:
         return False
 
     def remove(self, oid: int) -> int:
+        self.version += 1
+        self._owner_cache.clear()
         self._anchors_remove(oid)
         bids = self.owner_blocks.pop(oid)
         for b in bids.tolist():
@@ -335,6 +341,19 @@ class _Tenant:
             self.b_owner[freed] = -1
             self.b_ids.give(freed)
         return int(bids.size)
+
+    def _sorted_owners(self, b: int) -> tuple[set[int], list[tuple[str, int]]]:
+        """Owner ids of block ``b`` and (name, id) pairs sorted by name. Cached for widely
+        shared blocks (a system prompt held by thousands of agents) until the next write."""
+        hit = self._owner_cache.get(b)
+        if hit is not None and hit[0] == self.version:
+            return hit[1], hit[2]
+        cur = set(self.owners_of(b))
+        names = self.owner_name
+        by_name = sorted((names[o], o) for o in cur)
+        if len(cur) >= 32:
+            self._owner_cache[b] = (self.version, cur, by_name)
+        return cur, by_name
 
     # multi-maps kept as "one int, or a set/list when shared": most keys have one value
     @staticmethod
@@ -410,7 +429,6 @@ class _Tenant:
         cids = self._content_ids(seq)
         bids, deep = self._walk(seq, cids)
         chain_b = bids[:deep]
-        names = self.owner_name
         depth: dict[str, int] = {}
         runs: list[tuple[int, int, tuple[str, ...]]] = []
         if deep:
@@ -423,8 +441,11 @@ class _Tenant:
             order: list[str] = []
             neg_depths: list[int] = []  # ascending, for bisect
             for i in reversed(cps):
-                cur = set(self.owners_of(int(chain_b[i])))
-                fresh = sorted(names[o] for o in cur - prev)
+                cur, by_name = self._sorted_owners(int(chain_b[i]))
+                if prev:
+                    fresh = [n for n, o in by_name if o not in prev]
+                else:
+                    fresh = [n for n, _ in by_name]
                 if exclude is not None:
                     fresh = [n for n in fresh if not is_excluded(n, exclude)]
                 if fresh:
