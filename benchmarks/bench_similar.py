@@ -208,8 +208,8 @@ def bench_latency(sizes: list[int], reps: int) -> list[str]:
                 brute[i] = int(d.min())
         t_brute = (time.perf_counter() - t0) * 1e3
         assert {i: h.distance for i, h in hit.near.items()} == brute
-        # the fingerprint tables: near-chunk buckets + winnowing anchors (sys.getsizeof walk)
-        fp = _fingerprint_bytes(t)
+        # the fingerprint tables: near-chunk buckets + winnowing anchors (kvforge's estimate)
+        fp = m.stats()["memory_bytes_similarity"]
         seed_ms = _seed_query_ms(q, stored) if n <= 100_000 else float("nan")
         rows.append(
             f"| {n:,} | {np.median(near_lat):.2f} | {np.percentile(near_lat, 99):.2f} | "
@@ -221,20 +221,6 @@ def bench_latency(sizes: list[int], reps: int) -> list[str]:
         gc.collect()
         _ = total
     return rows
-
-
-def _fingerprint_bytes(t) -> int:
-    import sys
-
-    total = 0
-    for table in t.near:
-        total += sys.getsizeof(table)
-        total += sum(sys.getsizeof(v) for v in table.values() if not isinstance(v, int))
-        total += 28 * len(table)  # int keys (values that are ints are mostly small-int cached)
-    total += sys.getsizeof(t.anchors) + 36 * len(t.anchors)
-    total += sum(sys.getsizeof(v) for v in t.anchors.values())
-    total += sum(a.nbytes for a in t.owner_anchors.values())
-    return total
 
 
 def _seed_query_ms(q: np.ndarray, stored: np.ndarray) -> float:

@@ -105,7 +105,7 @@ class _Tenant:
         self.near: list[dict[int, int | set[int]]] = [{} for _ in range(NEAR_CHUNKS)]
         # moved spans: anchor hash -> packed (owner id << 32 | token position)
         self.anchors: dict[int, int | list[int]] = {}
-        self.owner_anchors: dict[int, np.ndarray] = {}
+        self.owner_anchors: dict[int, np.ndarray | None] = {}  # [2, n]: hashes, positions
         # owners
         self.owner_id: dict[str, int] = {}
         self.owner_name: dict[int, str] = {}
@@ -391,28 +391,40 @@ class _Tenant:
                     del table[key]
 
     def _anchors_add(self, oid: int, tokens: np.ndarray) -> None:
+        """Postings: one packed ``oid << 32 | position`` int, or, once an anchor is shared,
+        a dict position -> set of owner ids (owners of a common prompt region share a
+        position, which lets a query drop a whole exact-prefix group with one set
+        difference)."""
         pos, hashes = winnow(tokens)
-        packed = ((oid << 32) + pos).tolist() if pos.size else []
-        for h, v in zip(hashes.tolist(), packed, strict=True):
-            self._mm_add(self.anchors, h, v, list)
-        self.owner_anchors[oid] = hashes
+        anchors = self.anchors
+        for h, p in zip(hashes.tolist(), pos.tolist(), strict=True):
+            cur = anchors.get(h)
+            if cur is None:
+                anchors[h] = (oid << 32) | p
+                continue
+            if isinstance(cur, int):
+                cur = anchors[h] = {cur & 0xFFFFFFFF: {cur >> 32}}
+            cur.setdefault(p, set()).add(oid)
+        self.owner_anchors[oid] = np.stack([hashes, pos.astype(np.uint64)]) if pos.size else None
 
     def _anchors_remove(self, oid: int) -> None:
-        hashes = self.owner_anchors.pop(oid, None)
-        if hashes is None:
+        arr = self.owner_anchors.pop(oid, None)
+        if arr is None:
             return
-        for h in set(hashes.tolist()):
-            cur = self.anchors.get(h)
-            if isinstance(cur, list):
-                keep = [v for v in cur if v >> 32 != oid]
-                if len(keep) == 1:
-                    self.anchors[h] = keep[0]
-                elif keep:
-                    self.anchors[h] = keep
-                else:
-                    del self.anchors[h]
-            elif cur is not None and cur >> 32 == oid:
-                del self.anchors[h]
+        anchors = self.anchors
+        for h, p in zip(arr[0].tolist(), arr[1].tolist(), strict=True):
+            cur = anchors.get(h)
+            if isinstance(cur, int):
+                if cur == (oid << 32) | p:
+                    del anchors[h]
+            elif cur is not None:
+                owners = cur.get(p)
+                if owners is not None:
+                    owners.discard(oid)
+                    if not owners:
+                        del cur[p]
+                if not cur:
+                    del anchors[h]
 
     def owner_tokens(self, oid: int) -> np.ndarray:
         """The owner's indexed tokens (its full blocks), rebuilt from the content store."""
@@ -469,7 +481,7 @@ class _Tenant:
         exact = max(depth.values(), default=0)
         moved = self._moved(cids, exact, exclude)
         near = self._near(seq, exact, moved, exclude, near_radius) if near_radius > 0 else {}
-        found = self._spans(seq, exclude, depth) if spans else []
+        found = self._spans(seq, exclude, chain_b) if spans else []
         return LookupResult(exact, depth, runs, moved, deep, near, found)
 
     def _near(
@@ -527,24 +539,32 @@ class _Tenant:
         return out
 
     def _spans(
-        self, seq: BlockSequence, exclude: str | None, depth: dict[str, int] | None = None
+        self,
+        seq: BlockSequence,
+        exclude: str | None,
+        chain: np.ndarray | None = None,
     ) -> list[SharedSpan]:
         """Maximal shared token runs of at least ``GUARANTEED_SPAN`` tokens with every
         owner, found from common winnowing anchors and verified token by token. A run on the
         query's own prefix diagonal that starts at token 0 is the exact prefix, not moved."""
         q = seq.all_tokens
         pos, hashes = winnow(q)
-        # anchors inside an owner's exact prefix only lead back to that prefix run: skipping
-        # them keeps a system prompt shared by thousands of owners from costing a scan each
         bs = seq.block_size
-        prefix = {self.owner_id[n]: d * bs for n, d in (depth or {}).items()}
+        deep = 0 if chain is None else chain.size
         groups: dict[tuple[int, int], int] = {}
         for p, h in zip(pos.tolist(), hashes.tolist(), strict=True):
-            for v in self._mm_values(self.anchors.get(h)):
-                oid, op = v >> 32, v & 0xFFFFFFFF
-                if p == op and p + ANCHOR_K <= prefix.get(oid, 0):
-                    continue
-                groups.setdefault((oid, p - op), p)
+            cur = self.anchors.get(h)
+            if cur is None:
+                continue
+            if isinstance(cur, int):
+                cur = {cur & 0xFFFFFFFF: {cur >> 32}}
+            for op, owners in cur.items():
+                if op == p and (p + ANCHOR_K - 1) // bs < deep:
+                    # owners holding the query's chain through this anchor: the anchor only
+                    # leads back to their exact prefix run, so skip them in one set difference
+                    owners = owners - self._sorted_owners(int(chain[(p + ANCHOR_K - 1) // bs]))[0]
+                for oid in owners:
+                    groups.setdefault((oid, p - op), p)
         out: list[SharedSpan] = []
         names = self.owner_name
         cache: dict[int, np.ndarray] = {}
@@ -633,11 +653,15 @@ class _Tenant:
         content += self.content.nbytes + sys.getsizeof(self.content_blocks)
         content += sum(sys.getsizeof(s) for s in self.content_blocks.values())
         similar = 0
-        for table in (*self.near, self.anchors):
-            # int keys and values (~32 B each) plus the sets/lists of shared keys
+        for table in self.near:
+            # int keys and values (~32 B each) plus the sets of shared keys
             similar += sys.getsizeof(table) + 64 * len(table)
             similar += sum(sys.getsizeof(v) for v in table.values() if not isinstance(v, int))
-        similar += sum(a.nbytes + 112 for a in self.owner_anchors.values())
+        similar += sys.getsizeof(self.anchors) + 64 * len(self.anchors)
+        for v in self.anchors.values():
+            if not isinstance(v, int):
+                similar += sys.getsizeof(v) + sum(sys.getsizeof(o) + 32 for o in v.values())
+        similar += sum(a.nbytes + 112 for a in self.owner_anchors.values() if a is not None)
         return exact, content, similar
 
 
