@@ -161,7 +161,7 @@ class SyncMatcher:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> IndexResult:
         """Make ``prompt`` the agent's indexed prompt (replacing its previous one)."""
-        _check_agent(agent_id)
+        _check_agent(agent_id)  # fail fast, before the tokenizer runs
         _tenant_key(tenant)
         _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
         return self.index_blocks(agent_id, seq, tenant=tenant, cache_salt=cache_salt, lora=lora)
@@ -181,6 +181,7 @@ class SyncMatcher:
         key = _tenant_key(tenant)
         lo = LoRA.coerce(lora)
         info = OwnerInfo(agent, seq.num_tokens, seq.num_blocks, cache_salt, lo.name if lo else None)
+        seq.chain_keys  # noqa: B018 - hash every block here, not while holding the lock
         with self._lock:
             put = self.index.put(key, agent, seq, info)
         return IndexResult(

@@ -42,7 +42,7 @@ class EngineConfig:
 
     name: str
     url: str | None = None  # OpenAI-compatible base URL (for the proxy)
-    events: str | None = None  # KV-event PUB endpoint, e.g. tcp://10.0.0.5:5557
+    events: str | None = None  # KV-event PUB endpoint, e.g. tcp://engine-a:5557
     replay: str | None = None  # replay ROUTER endpoint
     topic: str = ""
     block_size: int = 16
