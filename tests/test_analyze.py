@@ -52,3 +52,25 @@ def test_analyze_rejects_bad_traces(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "analyze", str(bad)],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2 and "exactly one of" in out.stderr
+
+
+def test_html_report_is_self_contained_and_has_the_plots(tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    cmd = [sys.executable, "-m", "kvforge.cli.main", "analyze", str(EXAMPLE), "--html", str(page)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    html = page.read_text()
+    assert (
+        html.startswith("<!doctype html>")
+        and "<script" not in html
+        and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    )
+    assert (
+        html.count('class="bars"')
+        == html.count('class="heatmap"')
+        == html.count('class="timeline"')
+        == 1
+    )
+    agents = {r.agent_id for r in read_trace(EXAMPLE)}
+    assert html.count('class="cell"') == len(agents) ** 2  # the pairwise heatmap
+    assert 'class="exact"' in html and "put it after them" in html

@@ -169,6 +169,9 @@ def analyze_cmd(
     hash_seed: Annotated[str | None, typer.Option("--hash-seed")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")
+    ] = None,
 ) -> None:
     """Replay a multi-agent trace: what vLLM's prefix cache reuses per agent and agent pair,
     what it leaves on the table (moved content) and where each prefix breaks."""
@@ -189,6 +192,10 @@ def analyze_cmd(
     except KvforgeError as exc:
         _fail(str(exc))
         return
+    if html is not None:
+        from kvforge.analyze.html import render_html
+
+        html.write_text(render_html(result, title=f"kvforge analysis of {trace.name}"), "utf-8")
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
         return
