@@ -42,6 +42,7 @@ def test_exact_tokens_equal_an_unlimited_prefix_cache() -> None:
         assert {k: got[k] for k in w} == w
         assert got["moved_tokens"] + got["exact_tokens"] <= got["prompt_tokens"]
         assert "near_tokens" in got
+        assert got["prefill_saved_ms"] == round(w["exact_tokens"] / 16 * 0.5, 3)
     assert isinstance(doc["pairs"], list) and isinstance(doc["advice"], list)
     assert any("put it after them" in a for a in doc["advice"])
 

@@ -172,6 +172,14 @@ def analyze_cmd(
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")
     ] = None,
+    ms_per_block: Annotated[
+        float,
+        typer.Option(
+            "--ms-per-block",
+            min=0.0,
+            help="Prefill ms a reused 16-token block saves (0.5: 8B model on an H200).",
+        ),
+    ] = 0.5,
 ) -> None:
     """Replay a multi-agent trace: what vLLM's prefix cache reuses per agent and agent pair,
     what it leaves on the table (moved content) and where each prefix breaks."""
@@ -184,11 +192,14 @@ def analyze_cmd(
             block_size=block_size, hash_algo=algo, hash_seed=hash_seed, tokenizer=tokenizer
         )
         if as_json:
-            result = analyze(reqs, matcher)
+            result = analyze(reqs, matcher, ms_per_block=ms_per_block)
         else:
             from rich.progress import track
 
-            result = analyze(track(reqs, description="replaying", transient=True), matcher)
+            result = analyze(
+                track(reqs, description="replaying", transient=True), matcher,
+                ms_per_block=ms_per_block,
+            )  # fmt: skip
     except KvforgeError as exc:
         _fail(str(exc))
         return
@@ -201,13 +212,15 @@ def analyze_cmd(
         return
     console = Console()
     t = Table(title="Per agent (tokens)", title_justify="left")
-    for col in ("agent", "requests", "prompt", "exact (prefix)", "moved", "near", "exact %"):
+    for col in ("agent", "requests", "prompt", "exact (prefix)", "moved", "near", "exact %",
+                "prefill saved"):  # fmt: skip
         t.add_column(col, justify="left" if col == "agent" else "right")
     for name, a in sorted(result.agents.items()):
         pct = 100 * a.exact_tokens / a.prompt_tokens if a.prompt_tokens else 0.0
         t.add_row(
             name, str(a.requests), f"{a.prompt_tokens:,}", f"{a.exact_tokens:,}",
             f"{a.moved_tokens:,}", f"{a.near_tokens:,}", f"{pct:.0f}%",
+            f"{result.saved_ms(a.exact_tokens):,.1f} ms",
         )  # fmt: skip
     console.print(t)
     pairs = result.to_json()["pairs"]
