@@ -45,6 +45,7 @@ def test_exact_tokens_equal_an_unlimited_prefix_cache() -> None:
         assert got["prefill_saved_ms"] == round(w["exact_tokens"] / 16 * 0.5, 3)
     assert isinstance(doc["pairs"], list) and isinstance(doc["advice"], list)
     assert any("put it after them" in a for a in doc["advice"])
+    assert len(doc["advice"]) == len(set(doc["advice"]))
 
 
 def test_analyze_rejects_bad_traces(tmp_path: Path) -> None:

@@ -63,9 +63,10 @@ def _heatmap(result: TraceAnalysis) -> str:
         for j, src in enumerate(agents):
             v = result.pair_exact.get((agent, src), 0)
             shade = int(255 - 200 * v / peak)
+            fill = f"rgb({shade},{255 - (255 - shade) // 3},{shade})"
             parts.append(
                 f'<rect class="cell" x="{left + j * cell}" y="{y}" width="{cell - 2}" '
-                f'height="{cell - 2}" fill="rgb({shade},{255 - (255 - shade) // 3},{shade})">'
+                f'height="{cell - 2}" stroke="#ddd" fill="{fill}">'
                 f"<title>{escape(agent)} ← {escape(src)}: {v:,} exact tokens</title></rect>"
             )
     parts.append("</svg>")

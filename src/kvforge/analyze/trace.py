@@ -195,9 +195,10 @@ def analyze(
         tot.near_tokens += report.near_blocks * bs
         for fix in report.fixes:
             src = _agent_of(fix.owner)
-            out.advice.append(
-                f"{req.agent_id} (line {req.line}) vs {src}: " + fix.advice.replace(fix.owner, src)
-            )
+            line = f"{req.agent_id} (line {req.line}) vs {src}: "
+            line += fix.advice.replace(fix.owner, src)
+            if line not in out.advice:  # the agent's earlier turns give the same advice
+                out.advice.append(line)
         out.per_request.append((req.line, req.agent_id, seq.num_tokens, exact, moved))
         _credit_pairs(out, req.agent_id, report)
         d = report.divergence
