@@ -173,3 +173,23 @@ def test_a_bad_hash_rejects_the_whole_batch() -> None:
     )  # fmt: skip
     sub.handle([b"", (0).to_bytes(8, "big"), bad])
     assert sub.stats.malformed == 1 and res.stats()["engines"] == {}
+
+
+def test_restart_after_a_first_contact_replay_is_not_taken_for_a_duplicate() -> None:
+    res = ResidencyIndex()
+    ctx = zmq.Context()
+    frames = _frames("int_hash_mode")
+    topic = GOLDEN["int_hash_mode"]["topic"]
+    with EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", topic=topic,
+                        context=ctx) as pub:  # fmt: skip
+        for fr in frames[:5]:
+            pub.publish_payload(fr[2], send=False)
+        sub = EventSubscriber("pod-a", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
+                              topic=topic, context=ctx)  # fmt: skip
+        sub.handle(frames[3])  # first contact at seq 3: batches 0..2 come from the replay
+        assert sub.stats.replayed == 3 and sub.stats.last_seq == 3
+        sub.handle(frames[4])
+        sub.handle(frames[0])  # the engine restarted: seq 0 again
+        assert sub.stats.restarts == 1 and sub.stats.duplicates == 0
+        assert res.stats()["engines"]["pod-a"] == _reference("int_hash_mode", 1)
+    ctx.term()

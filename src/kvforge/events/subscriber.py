@@ -141,7 +141,9 @@ class EventSubscriber:
             st.malformed += 1
             return
         last = st.last_seq
-        if last is not None and seq <= last:
+        if last is not None and seq == last + 1:
+            self._dup_range = None  # in order again: a later step back is a restart
+        elif last is not None and seq <= last:
             dup = self._dup_range
             if dup is not None and dup[0] <= seq <= dup[1]:
                 st.duplicates += 1  # already applied from a replay
@@ -181,8 +183,8 @@ class EventSubscriber:
             if self.stats.last_seq is None or s > self.stats.last_seq:
                 self._apply(s, b)
                 self.stats.replayed += 1
-        if got:
-            self._dup_range = (start, max(s for s, _ in got))
+        # batches applied from the replay may still arrive live (late): not a restart
+        self._dup_range = (start, upto - 1) if wanted else None
 
     def _replay(self, start: int) -> list[tuple[int, KVEventBatch]] | None:
         assert self.replay_endpoint is not None
