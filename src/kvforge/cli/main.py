@@ -308,6 +308,46 @@ def simulate_cmd(
     Console().print(table)
 
 
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
+    algo: Annotated[str, typer.Option("--algo")] = "sha256",
+    hash_seed: Annotated[str | None, typer.Option("--hash-seed")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
+    api_token_env: Annotated[
+        str | None,
+        typer.Option(
+            "--api-token-env",
+            help="Name of the environment variable holding the "
+            "bearer token (tokens never go on the command line).",
+        ),
+    ] = None,
+) -> None:
+    """Run the HTTP service (index / match / clear / stats / prefix hash, metrics, health)."""
+    import os
+
+    import uvicorn
+
+    from kvforge.match import SyncMatcher
+    from kvforge.serve import create_app
+
+    token = None
+    if api_token_env is not None:
+        token = os.environ.get(api_token_env)
+        if not token:
+            _fail(f"environment variable {api_token_env} is empty or unset")
+    try:
+        matcher = SyncMatcher(
+            block_size=block_size, hash_algo=algo, hash_seed=hash_seed, tokenizer=tokenizer
+        )
+    except KvforgeError as exc:
+        _fail(str(exc))
+        return
+    uvicorn.run(create_app(matcher, api_token=token), host=host, port=port, log_level="info")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,214 @@
+"""The HTTP service: the matcher's API (index / match / clear / stats / prefix hash), routing,
+Prometheus metrics and a health check.
+
+* The tenant comes from the ``X-Tenant`` header (``default`` without it) and scopes every call.
+* With an API token configured, every endpoint but ``/healthz`` needs ``Authorization: Bearer``.
+* Bodies over ``max_body_bytes`` get 413 before they are parsed; prompts over the matcher's
+  limits get 413; malformed bodies get 422. A failed call changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, Field, model_validator
+
+from kvforge.errors import InvalidInputError, KvforgeError
+from kvforge.match import SyncMatcher
+from kvforge.route import Router
+
+TENANT_HEADER = "X-Tenant"
+
+
+class PromptBody(BaseModel):
+    """Exactly one of ``prompt`` (text), ``messages`` (chat) or ``token_ids``."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    token_ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None
+    cache_salt: str | None = None
+    lora_name: str | None = None
+    lora_path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> PromptBody:
+        given = [x is not None for x in (self.prompt, self.messages, self.token_ids)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of 'prompt', 'messages', 'token_ids'")
+        if (self.lora_name is None) != (self.lora_path is None):
+            raise ValueError("'lora_name' and 'lora_path' go together")
+        return self
+
+    def value(self) -> Any:
+        return next(x for x in (self.prompt, self.messages, self.token_ids) if x is not None)
+
+    def lora_pair(self) -> tuple[str, str] | None:
+        return (self.lora_name, self.lora_path) if self.lora_name and self.lora_path else None
+
+
+class IndexBody(PromptBody):
+    agent_id: str = Field(min_length=1, max_length=256)
+
+
+class MatchBody(PromptBody):
+    exclude_agent: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+class RouteBody(PromptBody):
+    loads: dict[str, float] | None = None
+    lora: str | None = None  # the adapter name; engines map it to their own path
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kvforge_requests", "HTTP requests", ["endpoint", "status"],
+                                registry=self.registry)  # fmt: skip
+        self.latency = Histogram(
+            "kvforge_request_seconds", "Request latency", ["endpoint"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )  # fmt: skip
+        self.blocks = Gauge("kvforge_index_blocks", "Distinct indexed blocks",
+                            registry=self.registry)  # fmt: skip
+        self.agents = Gauge("kvforge_index_agents", "Indexed agents", registry=self.registry)
+        self.hit_ratio = Histogram(
+            "kvforge_match_exact_ratio", "Share of a matched prompt reusable exactly",
+            registry=self.registry, buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+        )  # fmt: skip
+        self.event_lag = Gauge("kvforge_engine_event_age_seconds",
+                               "Seconds since an engine's last KV event", ["engine"],
+                               registry=self.registry)  # fmt: skip
+
+
+def create_app(
+    matcher: SyncMatcher | None = None,
+    *,
+    router: Router | None = None,
+    api_token: str | None = None,
+    max_body_bytes: int = 8 * 1024 * 1024,
+) -> FastAPI:
+    m = matcher if matcher is not None else SyncMatcher()
+    metrics = _Metrics()
+    app = FastAPI(
+        title="kvforge",
+        version="0.1.0",
+        description="Exact KV-cache reuse analysis and prefix-aware routing.",
+    )
+
+    def auth(authorization: str | None = Header(default=None)) -> None:
+        if api_token is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        # constant-time comparison: the token must not leak through response timing
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.encode(), api_token.encode()
+        ):
+            raise HTTPException(401, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    def tenant(x_tenant: str | None = Header(default=None, alias=TENANT_HEADER)) -> str | None:
+        if x_tenant is not None and (not x_tenant or len(x_tenant) > 256):
+            raise HTTPException(422, f"{TENANT_HEADER} must hold 1 to 256 characters")
+        return x_tenant
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next: Any) -> Any:
+        endpoint = request.url.path
+        start = time.perf_counter()
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
+            response: Any = JSONResponse(
+                {"detail": f"request body over the {max_body_bytes:,}-byte limit"}, 413
+            )
+        else:
+            response = await call_next(request)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(KvforgeError)
+    async def _kvforge_error(request: Request, exc: KvforgeError) -> JSONResponse:
+        too_big = isinstance(exc, InvalidInputError) and "limit is" in str(exc)
+        return JSONResponse({"detail": str(exc)}, status_code=413 if too_big else 422)
+
+    deps = [Depends(auth)]
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/index", dependencies=deps)
+    def index(body: IndexBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
+        r = m.index_prompt(body.agent_id, body.value(), tenant=t, cache_salt=body.cache_salt,
+                           lora=body.lora_pair(), tools=body.tools)  # fmt: skip
+        return {"agent_id": r.agent_id, "num_tokens": r.num_tokens, "num_blocks": r.num_blocks,
+                "new_blocks": r.new_blocks, "shared_blocks": r.shared_blocks,
+                "block_hashes": list(r.block_hashes)}  # fmt: skip
+
+    @app.post("/v1/match", dependencies=deps)
+    def match(body: MatchBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
+        r = m.find_reusable_blocks(body.value(), exclude_agent=body.exclude_agent, tenant=t,
+                                   cache_salt=body.cache_salt, lora=body.lora_pair(),
+                                   tools=body.tools)  # fmt: skip
+        if r.num_tokens:
+            metrics.hit_ratio.observe(r.reusable_tokens / r.num_tokens)
+        d = r.to_dict()
+        d["blocks"] = [b._asdict() for b in r.blocks]
+        return d
+
+    @app.post("/v1/prefix-hash", dependencies=deps)
+    def prefix_hash(body: PromptBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
+        p = m.get_shared_prefix_hash(body.value(), tenant=t, cache_salt=body.cache_salt,
+                                     lora=body.lora_pair(), tools=body.tools)  # fmt: skip
+        return {"num_blocks": p.num_blocks, "prefix_hash_hex": p.prefix_hash_hex,
+                "first_block_hash_hex": p.first_block_hash_hex,
+                "prefix_event_hash": p.prefix_event_hash}  # fmt: skip
+
+    @app.delete("/v1/agents/{agent_id}", dependencies=deps)
+    def clear(agent_id: str, t: str | None = Depends(tenant)) -> dict[str, int]:
+        return {"removed_blocks": m.clear_agent(agent_id, tenant=t)}
+
+    @app.get("/v1/agents", dependencies=deps)
+    def agents(t: str | None = Depends(tenant)) -> dict[str, list[str]]:
+        return {"agents": m.agents(tenant=t)}
+
+    @app.get("/v1/stats", dependencies=deps)
+    def stats() -> dict[str, Any]:
+        return m.stats()
+
+    @app.post("/v1/route", dependencies=deps)
+    def route(body: RouteBody) -> dict[str, Any]:
+        if router is None:
+            raise HTTPException(404, "no engines configured: start the service with engines")
+        tp = m.tokenize(body.value(), tools=body.tools)
+        d = router.route(tp, loads=body.loads, cache_salt=body.cache_salt, lora=body.lora)
+        return {"engine": d.engine, "cached_blocks": d.cached_blocks, "num_blocks": d.num_blocks,
+                "scores": d.scores, "reason": d.reason}  # fmt: skip
+
+    @app.get("/metrics", dependencies=deps)
+    def prometheus() -> PlainTextResponse:
+        s = m.stats()
+        metrics.blocks.set(s["blocks"])
+        metrics.agents.set(s["agents"])
+        if router is not None:
+            now = time.monotonic()
+            for name in router.engines:
+                e = router.residency.engine(name)
+                if e.last_event:
+                    metrics.event_lag.labels(name).set(now - e.last_event)
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,126 @@
+"""The HTTP service: endpoints, tenants over HTTP, auth, size limits, metrics, a real server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from kvforge import SyncMatcher
+from kvforge.blocks import BlockHasher, chain_keys
+from kvforge.route import EngineConfig, Router
+from kvforge.serve import create_app
+
+SYSTEM = list(range(1000, 1064))
+
+
+@pytest.fixture
+def client() -> TestClient:
+    return TestClient(create_app(SyncMatcher(max_prompt_tokens=5_000)))
+
+
+def test_index_match_prefix_clear_stats(client: TestClient) -> None:
+    r = client.post("/v1/index", json={"agent_id": "planner", "token_ids": SYSTEM + [5] * 20})
+    assert r.status_code == 200 and r.json()["num_blocks"] == 5
+    m = client.post("/v1/match", json={"token_ids": SYSTEM + [9] * 16}).json()
+    assert m["prefix_blocks_by_owner"] == {"planner": 4}
+    assert [b["kind"] for b in m["blocks"]] == ["exact"] * 4 + ["none"]
+    p = client.post("/v1/prefix-hash", json={"token_ids": SYSTEM}).json()
+    assert p["prefix_hash_hex"] == BlockHasher().chain(SYSTEM)[3].hex()
+    assert client.get("/v1/agents").json() == {"agents": ["planner"]}
+    assert client.get("/v1/stats").json()["blocks"] == 5
+    assert client.delete("/v1/agents/planner").json() == {"removed_blocks": 5}
+    assert client.get("/v1/stats").json()["blocks"] == 0
+
+
+def test_chat_and_text_prompts(client: TestClient) -> None:
+    msgs = [{"role": "system", "content": "You plan. " * 40}, {"role": "user", "content": "go"}]
+    assert client.post("/v1/index", json={"agent_id": "a", "messages": msgs}).status_code == 200
+    r = client.post("/v1/match", json={"messages": [*msgs[:1], {"role": "user", "content": "x"}]})
+    assert r.json()["best_owner"] == "a" and r.json()["exact_blocks"] > 0
+
+
+def test_tenants_are_isolated_over_http(client: TestClient) -> None:
+    client.post(
+        "/v1/index", json={"agent_id": "a", "token_ids": SYSTEM}, headers={"X-Tenant": "acme"}
+    )
+    other = client.post("/v1/match", json={"token_ids": SYSTEM}, headers={"X-Tenant": "globex"})
+    assert other.json()["prefix_blocks_by_owner"] == {}
+    same = client.post("/v1/match", json={"token_ids": SYSTEM}, headers={"X-Tenant": "acme"})
+    assert same.json()["prefix_blocks_by_owner"] == {"a": 4}
+    assert (
+        client.delete("/v1/agents/a", headers={"X-Tenant": "globex"}).json()["removed_blocks"] == 0
+    )
+
+
+def test_bad_input_limits_and_nothing_half_applied(client: TestClient) -> None:
+    client.post("/v1/index", json={"agent_id": "keep", "token_ids": SYSTEM})
+    before = client.get("/v1/stats").json()
+    assert client.post("/v1/index", json={"agent_id": "a"}).status_code == 422
+    assert client.post("/v1/index", json={"agent_id": "", "token_ids": [1]}).status_code == 422
+    assert client.post("/v1/index", json={"agent_id": "a", "token_ids": [-5]}).status_code == 422
+    big = client.post("/v1/index", json={"agent_id": "a", "token_ids": [1] * 6_000})
+    assert big.status_code == 413 and "limit" in big.json()["detail"]
+    small = TestClient(create_app(SyncMatcher(), max_body_bytes=1_000))
+    r = small.post("/v1/match", json={"token_ids": list(range(1000))})
+    assert r.status_code == 413
+    assert client.get("/v1/stats").json() == before
+
+
+def test_bearer_auth() -> None:
+    c = TestClient(create_app(SyncMatcher(), api_token="s3cret"))
+    assert c.get("/healthz").status_code == 200
+    assert c.get("/v1/stats").status_code == 401
+    assert c.get("/v1/stats", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c.get("/v1/stats", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert c.get("/metrics").status_code == 401
+
+
+def test_metrics_and_route() -> None:
+    router = Router([EngineConfig("e0"), EngineConfig("e1")], speculative_ttl=0)
+    router.residency.store("e1", chain_keys(BlockHasher().chain(SYSTEM)).tolist())
+    c = TestClient(create_app(SyncMatcher(), router=router))
+    d = c.post("/v1/route", json={"token_ids": SYSTEM + [7] * 16}).json()
+    assert d["engine"] == "e1" and d["cached_blocks"] == 4
+    c.post("/v1/match", json={"token_ids": SYSTEM})
+    text = c.get("/metrics").text
+    assert 'kvforge_requests_total{endpoint="/v1/route",status="200"} 1.0' in text
+    assert "kvforge_request_seconds_bucket" in text and "kvforge_index_blocks" in text
+    assert TestClient(create_app(SyncMatcher())).post(
+        "/v1/route", json={"token_ids": SYSTEM}).status_code == 404  # fmt: skip
+    assert c.get("/openapi.json").json()["info"]["title"] == "kvforge"
+
+
+def test_real_server_process() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "KVF_TOKEN": "tok"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvforge.cli.main", "serve", "--port", str(port),
+         "--api-token-env", "KVF_TOKEN"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        h = {"Authorization": "Bearer tok"}
+        r = httpx.post(url + "/v1/index", json={"agent_id": "a", "prompt": "hello " * 40},
+                       headers=h, timeout=30)  # fmt: skip
+        assert r.status_code == 200 and r.json()["num_blocks"] == 2
+        assert httpx.get(url + "/v1/stats", timeout=5).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
