@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -26,8 +28,10 @@ from prometheus_client import (
 from pydantic import BaseModel, Field, model_validator
 
 from kvforge.errors import InvalidInputError, KvforgeError
+from kvforge.events.subscriber import EventSubscriber
 from kvforge.match import SyncMatcher
 from kvforge.route import Router
+from kvforge.serve.proxy import add_proxy
 
 TENANT_HEADER = "X-Tenant"
 
@@ -99,13 +103,38 @@ def create_app(
     router: Router | None = None,
     api_token: str | None = None,
     max_body_bytes: int = 8 * 1024 * 1024,
+    subscribe: bool = True,
 ) -> FastAPI:
+    """The service. With a ``router`` whose engines have URLs it also proxies the OpenAI API;
+    with ``subscribe`` it starts a KV-event subscriber per engine that has an ``events``
+    endpoint (and stops them on shutdown)."""
     m = matcher if matcher is not None else SyncMatcher()
     metrics = _Metrics()
+    resources: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        subs = []
+        if router is not None and subscribe:
+            for e in router.engines.values():
+                if e.events:
+                    sub = EventSubscriber(
+                        e.name, e.events, router.residency, replay_endpoint=e.replay, topic=e.topic
+                    )
+                    subs.append(sub.start())
+        try:
+            yield
+        finally:
+            for sub in subs:
+                sub.stop()
+            if "client" in resources:
+                await resources["client"].aclose()
+
     app = FastAPI(
         title="kvforge",
         version="0.1.0",
         description="Exact KV-cache reuse analysis and prefix-aware routing.",
+        lifespan=lifespan,
     )
 
     def auth(authorization: str | None = Header(default=None)) -> None:
@@ -197,6 +226,9 @@ def create_app(
         d = router.route(tp, loads=body.loads, cache_salt=body.cache_salt, lora=body.lora)
         return {"engine": d.engine, "cached_blocks": d.cached_blocks, "num_blocks": d.num_blocks,
                 "scores": d.scores, "reason": d.reason}  # fmt: skip
+
+    if router is not None and any(e.url for e in router.engines.values()):
+        resources["client"] = add_proxy(app, m, router, deps)
 
     @app.get("/metrics", dependencies=deps)
     def prometheus() -> PlainTextResponse:

@@ -1,0 +1,129 @@
+"""OpenAI-compatible routing proxy: ``/v1/chat/completions`` and ``/v1/completions``.
+
+Each request is rendered and tokenized exactly as vLLM does it, routed to the engine that holds
+the longest prefix (from the engines' KV events), and forwarded unchanged with httpx, streamed
+(SSE) or not. The decision travels back in response headers: ``x-kvforge-engine``,
+``x-kvforge-cached-blocks`` and ``x-kvforge-prompt-blocks``. The router's load signal is the
+number of prompt blocks in flight on each engine through this proxy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from kvforge.match import SyncMatcher
+from kvforge.route import RouteDecision, Router
+from kvforge.tokenize import TokenizedPrompt
+
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+
+
+class _InFlight:
+    def __init__(self) -> None:
+        self._blocks: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def loads(self) -> dict[str, float]:
+        with self._lock:
+            return {k: float(v) for k, v in self._blocks.items()}
+
+    def add(self, engine: str, blocks: int) -> None:
+        with self._lock:
+            self._blocks[engine] = self._blocks.get(engine, 0) + blocks
+
+
+def add_proxy(
+    app: FastAPI, matcher: SyncMatcher, router: Router, deps: list[Any]
+) -> httpx.AsyncClient:
+    """Add the two endpoints; returns the upstream client (the app closes it on shutdown)."""
+    engines = {n: e for n, e in router.engines.items() if e.url}
+    inflight = _InFlight()
+    client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
+
+    def decide(tp: TokenizedPrompt, body: dict[str, Any]) -> RouteDecision:
+        lora = body.get("model") if body.get("model") in _loras(router) else None
+        return router.route(tp, loads=inflight.loads(), cache_salt=body.get("cache_salt"),
+                            lora=lora, engines=list(engines))  # fmt: skip
+
+    async def forward(path: str, body: dict[str, Any], d: RouteDecision) -> Response:
+        url = engines[d.engine].url.rstrip("/") + path  # type: ignore[union-attr]
+        headers = {
+            "x-kvforge-engine": d.engine,
+            "x-kvforge-cached-blocks": str(d.cached_blocks),
+            "x-kvforge-prompt-blocks": str(d.num_blocks),
+        }
+        inflight.add(d.engine, d.num_blocks)
+        try:
+            req = client.build_request("POST", url, json=body)
+            upstream = await client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            inflight.add(d.engine, -d.num_blocks)
+            raise HTTPException(502, f"engine {d.engine} unreachable: {exc}") from exc
+        passthrough = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+        if body.get("stream"):
+
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in upstream.aiter_raw():
+                        yield chunk
+                finally:
+                    await upstream.aclose()
+                    inflight.add(d.engine, -d.num_blocks)
+
+            return StreamingResponse(relay(), status_code=upstream.status_code,
+                                     headers={**passthrough, **headers},
+                                     media_type="text/event-stream")  # fmt: skip
+        try:
+            content = await upstream.aread()
+        finally:
+            await upstream.aclose()
+            inflight.add(d.engine, -d.num_blocks)
+        return Response(content, status_code=upstream.status_code,
+                        headers={**passthrough, **headers})  # fmt: skip
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise HTTPException(422, "body must be a JSON object") from exc
+        if not isinstance(body, dict):
+            raise HTTPException(422, "body must be a JSON object")
+        return body
+
+    @app.post("/v1/chat/completions", dependencies=deps)
+    async def chat(request: Request) -> Response:
+        body = await read_json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return JSONResponse({"detail": "'messages' must be a non-empty list"}, 422)
+        # tokenizing and hashing are CPU work: keep them off the event loop
+        tp = await run_in_threadpool(
+            matcher.tokenizer.encode_chat, messages, tools=body.get("tools")
+        )
+        d = await run_in_threadpool(decide, tp, body)
+        return await forward("/v1/chat/completions", body, d)
+
+    @app.post("/v1/completions", dependencies=deps)
+    async def completions(request: Request) -> Response:
+        body = await read_json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]  # a batch: route by its first prompt
+        if not isinstance(prompt, str | list) or not prompt:
+            return JSONResponse({"detail": "'prompt' must be text or token ids"}, 422)
+        tp = await run_in_threadpool(matcher.tokenizer.tokenize, prompt)
+        d = await run_in_threadpool(decide, tp, body)
+        return await forward("/v1/completions", body, d)
+
+    return client
+
+
+def _loras(router: Router) -> set[str]:
+    return {name for e in router.engines.values() for name in e.loras}

@@ -1,0 +1,105 @@
+"""The OpenAI-compatible routing proxy, driven by the official openai client, in front of two
+engine stand-ins that speak the OpenAI API and publish real vLLM KV events over ZMQ."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import openai
+import pytest
+import uvicorn
+import zmq
+
+from kvforge import PromptTokenizer, SyncMatcher
+from kvforge.blocks import BlockHasher
+from kvforge.events.publisher import EventPublisher
+from kvforge.route import EngineConfig, Router
+from kvforge.serve import create_app
+from kvforge.sim import SimEngine
+from kvforge.sim.standin import standin_app
+
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[openai.OpenAI, Router, list[SimEngine]]]:
+    ctx = zmq.Context()
+    tk = PromptTokenizer.qwen3()
+    hasher = BlockHasher()
+    pubs = [EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*",
+                           topic=f"kv@e{i}@m", context=ctx) for i in range(2)]  # fmt: skip
+    engines = [SimEngine(f"e{i}", 4096, publisher=p) for i, p in enumerate(pubs)]
+    with (
+        serve(standin_app(engines[0], hasher, tk)) as u0,
+        serve(standin_app(engines[1], hasher, tk)) as u1,
+    ):
+        router = Router([
+            EngineConfig("e0", url=u0, events=pubs[0].endpoint, replay=pubs[0].replay_endpoint,
+                         topic="kv@e0@m"),
+            EngineConfig("e1", url=u1, events=pubs[1].endpoint, replay=pubs[1].replay_endpoint,
+                         topic="kv@e1@m"),
+        ])  # fmt: skip
+        with serve(create_app(SyncMatcher(tokenizer=tk), router=router)) as proxy:
+            yield openai.OpenAI(base_url=proxy + "/v1", api_key="unused"), router, engines
+    for p in pubs:
+        p.close()
+    ctx.term()
+
+
+SYSTEM = "You are the planner of a code-review pipeline. " + " ".join(
+    f"Rule {i}: keep change {i} small and tested." for i in range(40)
+)
+
+
+def test_siblings_land_on_the_engine_that_caches_their_prefix(cluster) -> None:
+    client, router, _ = cluster
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Plan step one."}]
+    raw = client.chat.completions.with_raw_response.create(model="standin", messages=msgs)
+    first = raw.headers["x-kvforge-engine"]
+    assert raw.parse().usage.prompt_tokens_details.cached_tokens == 0
+    # the engine's BlockStored event reaches the proxy's subscriber
+    deadline = time.monotonic() + 10
+    while not router.residency.engine(first).blocks() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert router.residency.engine(first).blocks() > 0
+    msgs2 = [msgs[0], {"role": "user", "content": "Plan step two."}]
+    raw2 = client.chat.completions.with_raw_response.create(model="standin", messages=msgs2)
+    assert raw2.headers["x-kvforge-engine"] == first
+    assert int(raw2.headers["x-kvforge-cached-blocks"]) > 20
+    cached = raw2.parse().usage.prompt_tokens_details.cached_tokens
+    assert cached == int(raw2.headers["x-kvforge-cached-blocks"]) * 16  # the engine agrees
+
+
+def test_streaming_and_completions(cluster) -> None:
+    client, _, _ = cluster
+    stream = client.chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "hi " * 50}], stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == "Sure, done."
+    done = client.completions.create(model="standin", prompt="Complete this sentence. " * 20)
+    assert done.choices[0].text == "Sure, done."
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="standin", messages=[])
