@@ -310,10 +310,13 @@ def simulate_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
-    block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
-    algo: Annotated[str, typer.Option("--algo")] = "sha256",
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file (see kvforge.config).")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=1, max=65535)] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", min=1)] = None,
+    algo: Annotated[str | None, typer.Option("--algo")] = None,
     hash_seed: Annotated[str | None, typer.Option("--hash-seed")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
     api_token_env: Annotated[
@@ -325,27 +328,50 @@ def serve_cmd(
         ),
     ] = None,
 ) -> None:
-    """Run the HTTP service (index / match / clear / stats / prefix hash, metrics, health)."""
+    """Run the HTTP service: index / match / clear / stats / prefix hash, routing and the
+    OpenAI-compatible proxy for the engines of the config file, metrics, health.
+
+    Settings come from flags, then KVFORGE_<SECTION>_<KEY> variables, then the file."""
     import os
 
     import uvicorn
 
+    from kvforge.config import load_config
     from kvforge.match import SyncMatcher
+    from kvforge.route import Router
     from kvforge.serve import create_app
 
-    token = None
-    if api_token_env is not None:
-        token = os.environ.get(api_token_env)
-        if not token:
-            _fail(f"environment variable {api_token_env} is empty or unset")
     try:
+        cfg = load_config(
+            config,
+            overrides={
+                "service": {"host": host, "port": port, "api_token_env": api_token_env},
+                "matcher": {"block_size": block_size, "hash_algo": algo, "hash_seed": hash_seed,
+                            "tokenizer": tokenizer},
+            },
+        )  # fmt: skip
+        mc, sc, rc = cfg.matcher, cfg.service, cfg.router
+        token = None
+        if sc.api_token_env is not None:
+            token = os.environ.get(sc.api_token_env)
+            if not token:
+                _fail(f"environment variable {sc.api_token_env} is empty or unset")
         matcher = SyncMatcher(
-            block_size=block_size, hash_algo=algo, hash_seed=hash_seed, tokenizer=tokenizer
-        )
+            block_size=mc.block_size, hash_algo=mc.hash_algo, hash_seed=mc.hash_seed,
+            tokenizer=mc.tokenizer, near_radius=mc.near_radius,
+            max_prompt_chars=mc.max_prompt_chars, max_prompt_tokens=mc.max_prompt_tokens,
+        )  # fmt: skip
+        router = (
+            Router(cfg.engines, tokenizer=matcher.tokenizer, prefill_weight=rc.prefill_weight,
+                   load_weight=rc.load_weight, balance_rel=rc.balance_rel,
+                   balance_abs=rc.balance_abs, speculative_ttl=rc.speculative_ttl)
+            if cfg.engines else None
+        )  # fmt: skip
     except KvforgeError as exc:
         _fail(str(exc))
         return
-    uvicorn.run(create_app(matcher, api_token=token), host=host, port=port, log_level="info")
+    app_ = create_app(matcher, router=router, api_token=token, max_body_bytes=sc.max_body_bytes)
+    uvicorn.run(app_, host=sc.host, port=sc.port, log_level="info")
 
 
 def main() -> None:

@@ -1,0 +1,163 @@
+"""Configuration: one TOML file, environment variables, command-line flags.
+
+Precedence, highest first: **flags > environment > file > defaults**. Environment variables are
+``KVFORGE_<SECTION>_<KEY>`` (``KVFORGE_SERVICE_PORT=9000``, ``KVFORGE_MATCHER_HASH_SEED=0``);
+engines come from the file only. Every error names the field::
+
+    [matcher]
+    block_size = 16
+    hash_algo = "sha256"        # sha256 | sha256_cbor | xxhash | xxhash_cbor
+    # hash_seed = "0"           # the engines' PYTHONHASHSEED; omit when unset
+    # tokenizer = "/models/x/tokenizer.json"
+    near_radius = 2
+
+    [service]
+    host = "127.0.0.1"
+    port = 8000
+    # api_token_env = "KVFORGE_API_TOKEN"   # name of the variable holding the bearer token
+    max_body_bytes = 8388608
+
+    [router]
+    load_weight = 0.1
+    speculative_ttl = 2.0
+
+    [[engines]]
+    name = "a"
+    url = "http://engine-a:8000"
+    events = "tcp://engine-a:5557"
+    replay = "tcp://engine-a:5558"
+    loras = { sql = "/adapters/sql" }
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvforge.errors import InvalidInputError
+from kvforge.route import EngineConfig
+
+
+@dataclass
+class MatcherSection:
+    block_size: int = 16
+    hash_algo: str = "sha256"
+    hash_seed: str | None = None
+    tokenizer: str | None = None
+    near_radius: int = 2
+    max_prompt_chars: int = 4_000_000
+    max_prompt_tokens: int = 1_000_000
+
+
+@dataclass
+class ServiceSection:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_token_env: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass
+class RouterSection:
+    prefill_weight: float = 1.0
+    load_weight: float = 0.1
+    balance_rel: float = 1.5
+    balance_abs: float = 256.0
+    speculative_ttl: float = 2.0
+
+
+@dataclass
+class Config:
+    matcher: MatcherSection = field(default_factory=MatcherSection)
+    service: ServiceSection = field(default_factory=ServiceSection)
+    router: RouterSection = field(default_factory=RouterSection)
+    engines: list[EngineConfig] = field(default_factory=list)
+
+
+_SECTIONS = {"matcher": MatcherSection, "service": ServiceSection, "router": RouterSection}
+
+
+def _coerce(where: str, value: Any, annotation: str) -> Any:
+    kind = (
+        int if "int" in annotation else float if "float" in annotation else str
+    )  # every field is int, float or str (optionally None)
+    if value is None and "None" in annotation:
+        return None
+    try:
+        if kind is int and isinstance(value, bool | float):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"config: {where} must be {kind.__name__} (got {value!r})"
+        ) from None
+
+
+def _apply(section: Any, name: str, values: Mapping[str, Any], source: str) -> None:
+    known = {f.name: f for f in fields(section)}
+    for key, value in values.items():
+        if key not in known:
+            raise InvalidInputError(
+                f"config: unknown field [{name}].{key} ({source}); known: {', '.join(known)}"
+            )
+        f = known[key]
+        setattr(section, key, _coerce(f"[{name}].{key} ({source})", value, str(f.type)))
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Defaults, then the file, then ``KVFORGE_*`` variables, then ``overrides`` (flags;
+    ``None`` values are ignored)."""
+    cfg = Config()
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text("utf-8"))
+        except FileNotFoundError:
+            raise InvalidInputError(f"config: file not found: {p}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInputError(f"config: {p} is not valid TOML: {exc}") from None
+    for key in raw:
+        if key not in (*_SECTIONS, "engines"):
+            raise InvalidInputError(f"config: unknown section [{key}] in {path}")
+    for name in _SECTIONS:
+        section = raw.get(name, {})
+        if not isinstance(section, dict):
+            raise InvalidInputError(f"config: [{name}] must be a table")
+        _apply(getattr(cfg, name), name, section, str(path))
+    env = os.environ if env is None else env
+    for name in _SECTIONS:
+        prefix = f"KVFORGE_{name.upper()}_"
+        values = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
+        _apply(getattr(cfg, name), name, values, "environment")
+    for name, values in (overrides or {}).items():
+        _apply(getattr(cfg, name), name, {k: v for k, v in values.items() if v is not None},
+               "command line")  # fmt: skip
+    cfg.engines = [_engine(i, e) for i, e in enumerate(raw.get("engines", []))]
+    return cfg
+
+
+def _engine(i: int, e: Any) -> EngineConfig:
+    where = f"[[engines]] #{i + 1}"
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
+        raise InvalidInputError(f"config: {where} needs a non-empty 'name'")
+    known = {f.name for f in fields(EngineConfig)}
+    unknown = set(e) - known
+    if unknown:
+        raise InvalidInputError(f"config: {where} ({e['name']}): unknown fields {sorted(unknown)}")
+    loras = e.get("loras", {})
+    if not isinstance(loras, dict) or not all(isinstance(v, str) for v in loras.values()):
+        raise InvalidInputError(f"config: {where} ({e['name']}).loras must map names to paths")
+    try:
+        return EngineConfig(**e)
+    except TypeError as exc:
+        raise InvalidInputError(f"config: {where} ({e['name']}): {exc}") from None

@@ -1,0 +1,64 @@
+"""Configuration precedence (flags > environment > file > defaults); errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvforge import InvalidInputError
+from kvforge.config import load_config
+
+FILE = """
+[matcher]
+block_size = 32
+hash_seed = "0"
+
+[service]
+port = 9000
+host = "0.0.0.0"
+
+[[engines]]
+name = "a"
+url = "http://engine-a:8000"
+events = "tcp://engine-a:5557"
+loras = { sql = "/adapters/sql" }
+"""
+
+
+def test_precedence(tmp_path: Path) -> None:
+    f = tmp_path / "kvforge.toml"
+    f.write_text(FILE)
+    cfg = load_config(f, env={})
+    assert (cfg.matcher.block_size, cfg.matcher.hash_seed, cfg.service.port) == (32, "0", 9000)
+    assert cfg.matcher.hash_algo == "sha256" and cfg.router.load_weight == 0.1  # defaults
+    assert cfg.engines[0].name == "a" and cfg.engines[0].loras == {"sql": "/adapters/sql"}
+    cfg = load_config(f, env={"KVFORGE_SERVICE_PORT": "9100", "KVFORGE_MATCHER_BLOCK_SIZE": "64"})
+    assert (cfg.service.port, cfg.matcher.block_size) == (9100, 64)
+    cfg = load_config(f, env={"KVFORGE_SERVICE_PORT": "9100"},
+                      overrides={"service": {"port": 9200, "host": None}})  # fmt: skip
+    assert cfg.service.port == 9200 and cfg.service.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "match"),
+    [
+        ("[service]\nport = 'abc'\n", {}, r"\[service\].port .* must be int"),
+        ("[service]\nprot = 1\n", {}, r"unknown field \[service\].prot"),
+        ("[servce]\n", {}, r"unknown section \[servce\]"),
+        ("[[engines]]\nurl = 'x'\n", {}, r"engines\]\] #1 needs a non-empty 'name'"),
+        ("[[engines]]\nname = 'a'\nurl2 = 'x'\n", {}, r"unknown fields \['url2'\]"),
+        ("", {"KVFORGE_ROUTER_LOAD_WEIGHT": "heavy"}, r"\[router\].load_weight \(environment\)"),
+        ("[matcher\n", {}, "not valid TOML"),
+    ],
+)
+def test_errors_name_the_field(tmp_path: Path, text: str, env: dict, match: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(InvalidInputError, match=match):
+        load_config(f, env=env)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(InvalidInputError, match="file not found"):
+        load_config("/nonexistent/kvforge.toml", env={})
