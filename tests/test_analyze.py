@@ -76,3 +76,26 @@ def test_html_report_is_self_contained_and_has_the_plots(tmp_path: Path) -> None
     agents = {r.agent_id for r in read_trace(EXAMPLE)}
     assert html.count('class="cell"') == len(agents) ** 2  # the pairwise heatmap
     assert 'class="exact"' in html and "put it after them" in html
+
+
+def test_bounded_memory_forgets_the_oldest_requests() -> None:
+    from kvforge import SyncMatcher
+    from kvforge.analyze import TraceRequest, analyze
+    from kvforge.sim import multi_agent_trace
+
+    trace = multi_agent_trace(pipelines=6, system_tokens=256, doc_tokens=512, turn_tokens=64)
+    reqs = [TraceRequest(i, r["agent_id"], r["token_ids"]) for i, r in enumerate(trace)]
+    unlimited = analyze(reqs, SyncMatcher())
+    peak = 0
+    m = SyncMatcher()
+
+    def watch() -> None:
+        nonlocal peak
+        peak = max(peak, m.index.num_blocks())
+
+    bounded = analyze(reqs, m, max_blocks=300, progress=watch)
+    assert bounded.forgotten > 0 and unlimited.forgotten == 0
+    longest = max(len(r.prompt) for r in reqs) // 16
+    assert peak <= 300 + longest
+    exact = lambda res: sum(a.exact_tokens for a in res.agents.values())  # noqa: E731
+    assert 0 < exact(bounded) <= exact(unlimited)

@@ -1,15 +1,17 @@
 """Replaying a multi-agent trace to measure what prefix caching reuses and what it misses.
 
 A trace is JSON lines of ``{agent_id, prompt | messages | token_ids, tools?, tenant?,
-cache_salt?, session_id?, t?}``. Requests are replayed in file order (or by ``t`` when every
-line has one). Each request is matched against every earlier request of its tenant and salt —
-its own agent's earlier turns included — as an engine with an unlimited prefix cache would
-reuse them, and then indexed itself.
+cache_salt?, session_id?, t?}``, read as a stream and replayed in file order. Each request is
+matched against every earlier request of its tenant and salt — its own agent's earlier turns
+included — as an engine with an unlimited prefix cache would reuse them, and then indexed
+itself. Memory stays bounded on big traces: past ``max_blocks`` distinct blocks the oldest
+requests are forgotten first (an engine with that many blocks of cache).
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +33,19 @@ class TraceRequest:
 
 
 def read_trace(path: str | Path) -> list[TraceRequest]:
-    """Load a JSONL trace, or a folder of ``.txt``/``.json`` prompts (one agent per file)."""
+    """Load a whole JSONL trace, or a folder of ``.txt``/``.json`` prompts (one agent per
+    file)."""
+    return list(iter_trace(path))
+
+
+def iter_trace(path: str | Path) -> Iterator[TraceRequest]:
+    """Stream a trace in file order (a bad line raises with its line number)."""
     p = Path(path)
     if p.is_dir():
-        return list(_read_folder(p))
+        yield from _read_folder(p)
+        return
     if not p.is_file():
         raise InvalidInputError(f"trace not found: {p}")
-    reqs: list[TraceRequest] = []
     with p.open(encoding="utf-8") as fh:
         for n, raw in enumerate(fh, 1):
             if not raw.strip():
@@ -46,10 +54,7 @@ def read_trace(path: str | Path) -> list[TraceRequest]:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise InvalidInputError(f"{p}:{n}: invalid JSON ({exc.msg})") from exc
-            reqs.append(_request(obj, f"{p}:{n}", n))
-    if reqs and all(r.t is not None for r in reqs):
-        reqs.sort(key=lambda r: (r.t, r.line))
-    return reqs
+            yield _request(obj, f"{p}:{n}", n)
 
 
 def _request(obj: Any, where: str, line: int) -> TraceRequest:
@@ -124,6 +129,7 @@ class TraceAnalysis:
     pair_moved: dict[tuple[str, str], int] = field(default_factory=dict)
     divergences: list[Divergence] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    forgotten: int = 0  # requests dropped from the replay cache to bound memory
     per_request: list[tuple[int, str, int, int, int]] = field(default_factory=list)
 
     def saved_ms(self, exact_tokens: int) -> float:
@@ -158,6 +164,7 @@ class TraceAnalysis:
             ],
             "divergences": [vars(d) for d in self.divergences],
             "advice": self.advice,
+            "forgotten_requests": self.forgotten,
             "requests": [
                 {"line": ln, "agent": a, "prompt_tokens": n, "exact_tokens": e, "moved_tokens": m}
                 for ln, a, n, e, m in self.per_request
@@ -175,11 +182,14 @@ def analyze(
     *,
     progress: Any = None,
     ms_per_block: float = PREFILL_MS_PER_BLOCK["qwen3-8b"],
+    max_blocks: int = 2_000_000,
 ) -> TraceAnalysis:
     """Replay ``requests`` through ``matcher`` (which should start empty). ``ms_per_block`` is
-    the prefill time one reused 16-token block saves on the target engine."""
+    the prefill time one reused 16-token block saves on the target engine; past ``max_blocks``
+    distinct blocks the oldest requests are forgotten (bounded memory)."""
     bs = matcher.block_size
     out = TraceAnalysis(bs, ms_per_block)
+    held: deque[tuple[str, str | None]] = deque()  # (owner, tenant), oldest first
     for n, req in enumerate(requests):
         tp, seq = matcher.prepare(req.prompt, cache_salt=req.cache_salt, tools=req.tools)
         report: MatchReport = matcher.match_blocks(
@@ -215,9 +225,13 @@ def analyze(
                 )
             )
         # every request stays visible to later ones, as in an engine with unlimited cache
-        matcher.index_blocks(
-            f"{req.agent_id}#{n}", seq, tenant=req.tenant, cache_salt=req.cache_salt
-        )
+        owner = f"{req.agent_id}#{n}"
+        matcher.index_blocks(owner, seq, tenant=req.tenant, cache_salt=req.cache_salt)
+        held.append((owner, req.tenant))
+        while len(held) > 1 and matcher.index.num_blocks() > max_blocks:
+            old, tenant = held.popleft()
+            matcher.clear_agent(old, tenant=tenant)
+            out.forgotten += 1
         if progress is not None:
             progress()
     return out

@@ -180,25 +180,33 @@ def analyze_cmd(
             help="Prefill ms a reused 16-token block saves (0.5: 8B model on an H200).",
         ),
     ] = 0.5,
+    max_blocks: Annotated[
+        int,
+        typer.Option(
+            "--max-blocks",
+            min=1,
+            help="Bound on distinct blocks kept for the replay (oldest requests dropped first).",
+        ),
+    ] = 2_000_000,
 ) -> None:
     """Replay a multi-agent trace: what vLLM's prefix cache reuses per agent and agent pair,
     what it leaves on the table (moved content) and where each prefix breaks."""
-    from kvforge.analyze import analyze, read_trace
+    from kvforge.analyze import analyze, iter_trace
     from kvforge.match import SyncMatcher
 
     try:
-        reqs = read_trace(trace)
+        reqs = iter_trace(trace)
         matcher = SyncMatcher(
             block_size=block_size, hash_algo=algo, hash_seed=hash_seed, tokenizer=tokenizer
         )
         if as_json:
-            result = analyze(reqs, matcher, ms_per_block=ms_per_block)
+            result = analyze(reqs, matcher, ms_per_block=ms_per_block, max_blocks=max_blocks)
         else:
             from rich.progress import track
 
             result = analyze(
                 track(reqs, description="replaying", transient=True), matcher,
-                ms_per_block=ms_per_block,
+                ms_per_block=ms_per_block, max_blocks=max_blocks,
             )  # fmt: skip
     except KvforgeError as exc:
         _fail(str(exc))

@@ -142,3 +142,7 @@ class BlockIndex(ABC):
 
     @abstractmethod
     def stats(self) -> IndexStats: ...
+
+    @abstractmethod
+    def num_blocks(self) -> int:
+        """Distinct chain blocks held, all tenants together. O(tenants)."""

@@ -760,6 +760,9 @@ class MemoryIndex(BlockIndex):
         t = self._tenant(tenant)
         return sorted(t.owner_id) if t else []
 
+    def num_blocks(self) -> int:
+        return sum(len(t.chain) for t in self._tenants.values())
+
     def stats(self) -> IndexStats:
         ts = self._tenants.values()
         parts = [t.nbytes() for t in ts]
