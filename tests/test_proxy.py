@@ -25,7 +25,9 @@ from kvforge.sim.standin import standin_app
 
 @contextmanager
 def serve(app) -> Iterator[str]:
-    sock = socket.socket()
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then, and
+    # without it every response stalls ~40 ms on delayed ACKs
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
