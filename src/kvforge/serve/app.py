@@ -149,9 +149,11 @@ def create_app(
             raise HTTPException(401, "missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    def tenant(x_tenant: str | None = Header(default=None, alias=TENANT_HEADER)) -> str | None:
-        if x_tenant is not None and (not x_tenant or len(x_tenant) > 256):
-            raise HTTPException(422, f"{TENANT_HEADER} must hold 1 to 256 characters")
+    def tenant(
+        x_tenant: str | None = Header(
+            default=None, alias=TENANT_HEADER, min_length=1, max_length=256
+        ),
+    ) -> str | None:
         return x_tenant
 
     @app.middleware("http")
@@ -171,16 +173,24 @@ def create_app(
 
     @app.exception_handler(KvforgeError)
     async def _kvforge_error(request: Request, exc: KvforgeError) -> JSONResponse:
-        too_big = isinstance(exc, InvalidInputError) and "limit is" in str(exc)
-        return JSONResponse({"detail": str(exc)}, status_code=413 if too_big else 422)
+        if isinstance(exc, InvalidInputError) and "limit is" in str(exc):
+            return JSONResponse({"detail": str(exc)}, status_code=413)
+        # the same shape as FastAPI's own validation errors (the documented 422 schema)
+        detail = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     deps = [Depends(auth)]
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"description": "The body is not valid JSON."},
+        401: {"description": "Missing or wrong bearer token (when the service has one)."},
+        413: {"description": "Request body or prompt over the configured limits."},
+    }
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/v1/index", dependencies=deps)
+    @app.post("/v1/index", dependencies=deps, responses=errors)
     def index(body: IndexBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
         r = m.index_prompt(body.agent_id, body.value(), tenant=t, cache_salt=body.cache_salt,
                            lora=body.lora_pair(), tools=body.tools)  # fmt: skip
@@ -188,7 +198,7 @@ def create_app(
                 "new_blocks": r.new_blocks, "shared_blocks": r.shared_blocks,
                 "block_hashes": list(r.block_hashes)}  # fmt: skip
 
-    @app.post("/v1/match", dependencies=deps, response_class=Response)
+    @app.post("/v1/match", dependencies=deps, response_class=Response, responses=errors)
     def match(body: MatchBody, t: str | None = Depends(tenant)) -> Response:
         r = m.find_reusable_blocks(body.value(), exclude_agent=body.exclude_agent, tenant=t,
                                    cache_salt=body.cache_salt, lora=body.lora_pair(),
@@ -199,7 +209,7 @@ def create_app(
         # a 512-block report is large: msgspec encodes it ~20x faster than the default path
         return Response(_json.encode(d), media_type="application/json")
 
-    @app.post("/v1/prefix-hash", dependencies=deps)
+    @app.post("/v1/prefix-hash", dependencies=deps, responses=errors)
     def prefix_hash(body: PromptBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
         p = m.get_shared_prefix_hash(body.value(), tenant=t, cache_salt=body.cache_salt,
                                      lora=body.lora_pair(), tools=body.tools)  # fmt: skip
@@ -207,19 +217,23 @@ def create_app(
                 "first_block_hash_hex": p.first_block_hash_hex,
                 "prefix_event_hash": p.prefix_event_hash}  # fmt: skip
 
-    @app.delete("/v1/agents/{agent_id}", dependencies=deps)
+    @app.delete("/v1/agents/{agent_id}", dependencies=deps, responses=errors)
     def clear(agent_id: str, t: str | None = Depends(tenant)) -> dict[str, int]:
         return {"removed_blocks": m.clear_agent(agent_id, tenant=t)}
 
-    @app.get("/v1/agents", dependencies=deps)
+    @app.get("/v1/agents", dependencies=deps, responses=errors)
     def agents(t: str | None = Depends(tenant)) -> dict[str, list[str]]:
         return {"agents": m.agents(tenant=t)}
 
-    @app.get("/v1/stats", dependencies=deps)
+    @app.get("/v1/stats", dependencies=deps, responses=errors)
     def stats() -> dict[str, Any]:
         return m.stats()
 
-    @app.post("/v1/route", dependencies=deps)
+    @app.post(
+        "/v1/route",
+        dependencies=deps,
+        responses={**errors, 404: {"description": "No engines configured."}},
+    )
     def route(body: RouteBody) -> dict[str, Any]:
         if router is None:
             raise HTTPException(404, "no engines configured: start the service with engines")
@@ -231,7 +245,7 @@ def create_app(
     if router is not None and any(e.url for e in router.engines.values()):
         resources["client"] = add_proxy(app, m, router, deps)
 
-    @app.get("/metrics", dependencies=deps)
+    @app.get("/metrics", dependencies=deps, responses=errors, response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
         s = m.stats()
         metrics.blocks.set(s["blocks"])
