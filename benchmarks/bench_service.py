@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import resource
 import socket
 import statistics
 import threading
@@ -127,15 +128,21 @@ def main() -> None:
         proc.join(timeout=10)
     print("## Service under concurrent load (loopback, ~100k indexed blocks)\n")
     print("\n".join(rows))
-    trace = multi_agent_trace(pipelines=8 if a.quick else 24, seed=3)
-    reqs = [TraceRequest(i, r["agent_id"], r["token_ids"]) for i, r in enumerate(trace)]
-    tokens = sum(len(r.prompt) for r in reqs)
-    t0 = time.perf_counter()
-    analyze(reqs, SyncMatcher())
-    dt = time.perf_counter() - t0
-    print("\n## analyze throughput (token-id trace, full report per request)\n")
-    print("| requests | prompt tokens | seconds | tokens / s |\n|---:|---:|---:|---:|")
-    print(f"| {len(reqs):,} | {tokens:,} | {dt:.1f} | {tokens / dt:,.0f} |")
+    print(
+        "\n## analyze throughput and memory (generated token-id trace, full report per request)\n"
+    )
+    print("| requests | prompt tokens | --max-blocks | seconds | tokens / s | requests forgotten | "
+          "peak RSS (MB) |\n|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    for pipelines, max_blocks in ((24, 2_000_000), (8 if a.quick else 160, 100_000)):
+        trace = multi_agent_trace(pipelines=pipelines, seed=3)
+        reqs = [TraceRequest(i, r["agent_id"], r["token_ids"]) for i, r in enumerate(trace)]
+        tokens = sum(len(r.prompt) for r in reqs)
+        t0 = time.perf_counter()
+        res = analyze(iter(reqs), SyncMatcher(), max_blocks=max_blocks)
+        dt = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"| {len(reqs):,} | {tokens:,} | {max_blocks:,} | {dt:.1f} | {tokens / dt:,.0f} | "
+              f"{res.forgotten:,} | {rss:,.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

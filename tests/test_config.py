@@ -62,3 +62,8 @@ def test_errors_name_the_field(tmp_path: Path, text: str, env: dict, match: str)
 def test_missing_file() -> None:
     with pytest.raises(InvalidInputError, match="file not found"):
         load_config("/nonexistent/kvforge.toml", env={})
+
+
+def test_the_shipped_example_loads() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "kvforge.toml", env={})
+    assert cfg.service.port == 8000 and cfg.engines == []
