@@ -16,6 +16,8 @@ engines come from the file only. Every error names the field::
     port = 8000
     # api_token_env = "KVFORGE_API_TOKEN"   # name of the variable holding the bearer token
     max_body_bytes = 8388608
+    # snapshot_path = "/var/lib/kvforge/index.snapshot"   # restored on start
+    snapshot_interval = 30.0
 
     [router]
     load_weight = 0.1
@@ -59,6 +61,8 @@ class ServiceSection:
     port: int = 8000
     api_token_env: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    snapshot_path: str | None = None  # embedded index persistence (restored on start)
+    snapshot_interval: float = 30.0
 
 
 @dataclass

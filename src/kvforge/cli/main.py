@@ -378,7 +378,20 @@ def serve_cmd(
     except KvforgeError as exc:
         _fail(str(exc))
         return
-    app_ = create_app(matcher, router=router, api_token=token, max_body_bytes=sc.max_body_bytes)
+    snapshotter = None
+    if sc.snapshot_path:
+        from kvforge.persist import Snapshotter
+
+        snapshotter = Snapshotter(matcher, sc.snapshot_path, sc.snapshot_interval)
+        restored = snapshotter.restore()
+        Console(stderr=True).print(f"restored {restored} indexed prompts from {sc.snapshot_path}")
+    app_ = create_app(
+        matcher,
+        router=router,
+        api_token=token,
+        max_body_bytes=sc.max_body_bytes,
+        snapshotter=snapshotter,
+    )
     uvicorn.run(app_, host=sc.host, port=sc.port, log_level="info")
 
 

@@ -9,6 +9,7 @@ every role-suffixed ``a:<role>``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,16 @@ class OwnerInfo:
     num_blocks: int
     cache_salt: str | None = None
     lora_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    """One owner's indexed prompt, as a snapshot stores it."""
+
+    tenant: str
+    info: OwnerInfo
+    tokens: np.ndarray  # uint32, the owner's full blocks
+    namespace: tuple[str, str, str]  # (cache_salt, LoRA name, LoRA path); "" when absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +153,11 @@ class BlockIndex(ABC):
 
     @abstractmethod
     def stats(self) -> IndexStats: ...
+
+    @abstractmethod
+    def export(self) -> Iterator[OwnerRecord]:
+        """Every owner's indexed prompt (what ``put`` needs to rebuild the index elsewhere).
+        O(index); for snapshots."""
 
     @abstractmethod
     def num_blocks(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from bisect import bisect_right
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from kvforge.index.base import (
     LookupResult,
     NearHit,
     OwnerInfo,
+    OwnerRecord,
     PutResult,
     SharedSpan,
     is_excluded,
@@ -762,6 +764,18 @@ class MemoryIndex(BlockIndex):
 
     def num_blocks(self) -> int:
         return sum(len(t.chain) for t in self._tenants.values())
+
+    def export(self) -> Iterator[OwnerRecord]:
+        for name, t in self._tenants.items():
+            spaces = {-1 - ns: key for key, ns in t.namespaces.items()}
+            for oid in t.owner_id.values():
+                bids = t.owner_blocks[oid]
+                info = t.owner_info[oid]
+                if bids.size == 0:
+                    yield OwnerRecord(name, info, np.zeros(0, dtype=np.uint32), ("", "", ""))
+                    continue
+                root = int(t.b_parent[bids[0]])
+                yield OwnerRecord(name, info, t.owner_tokens(oid).copy(), spaces[root])
 
     def stats(self) -> IndexStats:
         ts = self._tenants.values()

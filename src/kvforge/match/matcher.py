@@ -87,6 +87,7 @@ class SyncMatcher:
         self.max_prompt_chars = max_prompt_chars
         self.max_prompt_tokens = max_prompt_tokens
         self._lock = threading.Lock()
+        self.generation = 0  # bumped by every change to the index (snapshots watch it)
 
     @property
     def block_size(self) -> int:
@@ -184,6 +185,7 @@ class SyncMatcher:
         seq.chain_keys  # noqa: B018 - hash every block here, not while holding the lock
         with self._lock:
             put = self.index.put(key, agent, seq, info)
+            self.generation += 1
         return IndexResult(
             agent_id=agent,
             tenant=tenant,
@@ -351,6 +353,7 @@ class SyncMatcher:
         agent = _check_agent(agent_id)
         key = _tenant_key(tenant)
         with self._lock:
+            self.generation += 1
             return self.index.remove(key, agent)
 
     def agents(self, *, tenant: str | None = None) -> list[str]:

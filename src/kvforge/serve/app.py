@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field, model_validator
 from kvforge.errors import InvalidInputError, KvforgeError
 from kvforge.events.subscriber import EventSubscriber
 from kvforge.match import SyncMatcher
+from kvforge.persist import Snapshotter
 from kvforge.route import Router
 from kvforge.serve.proxy import add_proxy
 
@@ -105,6 +106,7 @@ def create_app(
     api_token: str | None = None,
     max_body_bytes: int = 8 * 1024 * 1024,
     subscribe: bool = True,
+    snapshotter: Snapshotter | None = None,
 ) -> FastAPI:
     """The service. With a ``router`` whose engines have URLs it also proxies the OpenAI API;
     with ``subscribe`` it starts a KV-event subscriber per engine that has an ``events``
@@ -123,9 +125,13 @@ def create_app(
                         e.name, e.events, router.residency, replay_endpoint=e.replay, topic=e.topic
                     )
                     subs.append(sub.start())
+        if snapshotter is not None:
+            snapshotter.start()
         try:
             yield
         finally:
+            if snapshotter is not None:
+                snapshotter.stop()  # a last save on a clean shutdown
             for sub in subs:
                 sub.stop()
             if "client" in resources:
