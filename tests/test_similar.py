@@ -168,3 +168,25 @@ def test_spans_and_near_respect_tenants_exclusion_and_clearing() -> None:
     assert next(b.kind for b in m.find_reusable_blocks(edited, tenant="t1").blocks) == "near"
     m.clear_agent("b", tenant="t1")
     assert next(b.kind for b in m.find_reusable_blocks(edited, tenant="t1").blocks) == "none"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_no_query_of_one_tenant_ever_sees_another(data: st.DataObject) -> None:
+    """Spans, moved and near blocks and exact prefixes stay inside the caller's tenant."""
+    rnd = random.Random(data.draw(st.integers(0, 10**6)))
+    doc = [rnd.randrange(40) for _ in range(rnd.randint(40, 120))]
+    m = SyncMatcher(block_size=16)
+    for i in range(rnd.randint(1, 4)):
+        tenant = rnd.choice(["A", "B"])
+        noise = [rnd.randrange(40) for _ in range(rnd.randint(0, 30))]
+        m.index_prompt(f"{tenant.lower()}{i}", noise + doc, tenant=tenant)
+    q = [rnd.randrange(40) for _ in range(rnd.randint(0, 20))] + doc
+    for tenant in ("A", "B"):
+        r = m.find_reusable_blocks(q, tenant=tenant)
+        seen = set(r.prefix_blocks_by_owner) | {s.owner for s in r.moved_spans}
+        seen |= {o for b in r.blocks for o in b.owners}
+        seen |= {f.owner for f in r.fixes}
+        if r.best_owner:
+            seen.add(r.best_owner)
+        assert all(o.startswith(tenant.lower()) for o in seen), (tenant, seen)
