@@ -71,13 +71,21 @@ def hash_cmd(
     algo: Annotated[
         str, typer.Option("--algo", help=f"One of {', '.join(HASH_ALGOS)}.")
     ] = "sha256",
-    block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
+    block_size: Annotated[
+        int, typer.Option("--block-size", min=1, help="The engines' --block-size.")
+    ] = 16,
     hash_seed: Annotated[
         str | None, typer.Option("--hash-seed", help="The engine's PYTHONHASHSEED (unset: omit).")
     ] = None,
-    cache_salt: Annotated[str | None, typer.Option("--cache-salt")] = None,
-    lora_name: Annotated[str | None, typer.Option("--lora-name")] = None,
-    lora_path: Annotated[str | None, typer.Option("--lora-path")] = None,
+    cache_salt: Annotated[
+        str | None, typer.Option("--cache-salt", help="The request's cache_salt.")
+    ] = None,
+    lora_name: Annotated[
+        str | None, typer.Option("--lora-name", help="LoRA adapter name (with --lora-path).")
+    ] = None,
+    lora_path: Annotated[
+        str | None, typer.Option("--lora-path", help="LoRA adapter path as loaded by the engine.")
+    ] = None,
     tokenizer: Annotated[
         str | None, typer.Option("--tokenizer", help="Local tokenizer.json (default: Qwen3).")
     ] = None,
@@ -164,10 +172,20 @@ def hash_cmd(
 @app.command("analyze")
 def analyze_cmd(
     trace: Annotated[Path, typer.Argument(help="JSONL trace, or a folder of prompt files.")],
-    algo: Annotated[str, typer.Option("--algo")] = "sha256",
-    block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
-    hash_seed: Annotated[str | None, typer.Option("--hash-seed")] = None,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
+    algo: Annotated[
+        str, typer.Option("--algo", help="The engines' --prefix-caching-hash-algo.")
+    ] = "sha256",
+    block_size: Annotated[
+        int, typer.Option("--block-size", min=1, help="The engines' --block-size.")
+    ] = 16,
+    hash_seed: Annotated[
+        str | None,
+        typer.Option("--hash-seed", help="The engines' PYTHONHASHSEED (omit when unset)."),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option("--tokenizer", help="Local tokenizer.json (default: the shipped Qwen3)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")
@@ -256,18 +274,32 @@ def simulate_cmd(
     trace: Annotated[
         Path, typer.Argument(help="JSONL trace of {agent_id, prompt|messages|token_ids, t?}.")
     ],
-    engines: Annotated[int, typer.Option("--engines", min=1)] = 4,
-    blocks_per_engine: Annotated[int, typer.Option("--blocks-per-engine", min=1)] = 8192,
+    engines: Annotated[
+        int, typer.Option("--engines", min=1, help="Simulated engine replicas.")
+    ] = 4,
+    blocks_per_engine: Annotated[
+        int, typer.Option("--blocks-per-engine", min=1, help="KV blocks per engine.")
+    ] = 8192,
     policy: Annotated[
         str,
         typer.Option(
             "--policy", help="round_robin, least_load, first_block_hash, prefix, oracle or all"
         ),
     ] = "all",
-    block_size: Annotated[int, typer.Option("--block-size", min=1)] = 16,
-    algo: Annotated[str, typer.Option("--algo")] = "sha256",
-    hash_seed: Annotated[str | None, typer.Option("--hash-seed")] = None,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
+    block_size: Annotated[
+        int, typer.Option("--block-size", min=1, help="The engines' --block-size.")
+    ] = 16,
+    algo: Annotated[
+        str, typer.Option("--algo", help="The engines' --prefix-caching-hash-algo.")
+    ] = "sha256",
+    hash_seed: Annotated[
+        str | None,
+        typer.Option("--hash-seed", help="The engines' PYTHONHASHSEED (omit when unset)."),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option("--tokenizer", help="Local tokenizer.json (default: the shipped Qwen3)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Replay a trace on simulated vLLM-like engines under routing policies and compare the
@@ -321,12 +353,24 @@ def serve_cmd(
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file (see kvforge.config).")
     ] = None,
-    host: Annotated[str | None, typer.Option("--host")] = None,
-    port: Annotated[int | None, typer.Option("--port", min=1, max=65535)] = None,
-    block_size: Annotated[int | None, typer.Option("--block-size", min=1)] = None,
-    algo: Annotated[str | None, typer.Option("--algo")] = None,
-    hash_seed: Annotated[str | None, typer.Option("--hash-seed")] = None,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help="Port to listen on.")
+    ] = None,
+    block_size: Annotated[
+        int | None, typer.Option("--block-size", min=1, help="The engines' --block-size.")
+    ] = None,
+    algo: Annotated[
+        str | None, typer.Option("--algo", help="The engines' --prefix-caching-hash-algo.")
+    ] = None,
+    hash_seed: Annotated[
+        str | None,
+        typer.Option("--hash-seed", help="The engines' PYTHONHASHSEED (omit when unset)."),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option("--tokenizer", help="Local tokenizer.json (default: the shipped Qwen3)."),
+    ] = None,
     api_token_env: Annotated[
         str | None,
         typer.Option(
