@@ -150,3 +150,36 @@ def test_route_text_and_chat(tmp_path) -> None:
     d2 = r.route([{"role": "system", "content": "You are a planner. " * 50},
                   {"role": "user", "content": "again"}])  # fmt: skip
     assert d2.engine == d1.engine and d2.cached_blocks > 0
+
+
+def test_block_tree_from_golden_events_gives_the_engines_hashes_without_hashing() -> None:
+    import json
+    from pathlib import Path
+
+    from kvforge.events import decode_batch, normalize_hashes
+
+    golden = json.loads((Path(__file__).parent / "data" / "vllm_kv_events.json").read_text())
+    cfg = EngineConfig("pod-a", loras={"agent-lora": "/adapters/agent-lora"})
+    r = Router([cfg, EngineConfig("pod-b")], speculative_ttl=0)
+    for msg in golden["int_hash_mode"]["messages"][:5]:
+        batch = normalize_hashes(decode_batch(bytes.fromhex(msg["frames_hex"][2])))
+        r.residency.apply("pod-a", batch)
+    # request B of the capture: LoRA + salt, tokens 1000..1063 (4 blocks)
+    toks = list(range(1000, 1064))
+    d = r.route_tokens(toks, cache_salt="tenant-42", lora="agent-lora", engines=["pod-a"])
+    assert d.cached_blocks == 4
+    lora = LoRA("agent-lora", "/adapters/agent-lora")
+    want = chain_keys(BlockHasher().chain(toks, cache_salt="tenant-42", lora=lora))
+    seq = r._memos[cfg.hash_config()].keys(tuple(toks), "tenant-42", lora)
+    group = r._group("pod-a")
+    tree = r.residency.tree_keys(group, 16, ["agent-lora", "tenant-42"], seq.content_keys)
+    assert tree == want.tolist()  # the tree returns vLLM's own hashes
+    assert seq.num_hashed == 0  # and nothing was hashed to get them
+    # request A's two prefill blocks (no salt, no LoRA); removing a block prunes the tree
+    a = r.route_tokens(list(range(48)), engines=["pod-a"])
+    assert a.cached_blocks == 3 - 1  # block 3 was evicted in batch 4 (BlockRemoved)
+    plain = r._memos[cfg.hash_config()].keys(tuple(range(48)), None, None)
+    held = r.residency.tree_keys(group, 16, None, plain.content_keys)
+    assert held == chain_keys(BlockHasher().chain(range(32))).tolist()
+    r.residency.apply("pod-a", KVEventBatch(0.0, [AllBlocksCleared()]))
+    assert r.residency.tree_keys(group, 16, None, plain.content_keys) == []  # pruned

@@ -9,12 +9,17 @@ arrived yet) live in a separate mask with a TTL.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
+
+from kvforge.blocks.hashing import content_hashes
 from kvforge.events.schema import (
     AllBlocksCleared,
     BlockRemoved,
@@ -60,6 +65,12 @@ class ResidencyIndex:
         self._spec_queue: deque[tuple[float, str, tuple[int, ...]]] = deque()
         self._lock = threading.Lock()
         self.blocks_applied = 0
+        # Block tree from the events' token ids: (parent, content key) -> hash. It lets a router
+        # find the hashes of a prompt's held prefix without sha256 (see ``tree_keys``).
+        self.secret = int.from_bytes(os.urandom(8), "little")  # keys the content hashes
+        self._tree: dict[tuple[Any, int], int] = {}
+        self._tree_key: dict[int, tuple[Any, int]] = {}
+        self._groups: dict[str, Any] = {}  # engine -> hash-configuration group
 
     # ---- engines ---------------------------------------------------------------------------
     def engine(self, name: str) -> EngineResidency:
@@ -76,6 +87,13 @@ class ResidencyIndex:
     def engines(self) -> list[str]:
         return list(self._engines)
 
+    def set_group(self, engine: str, group: Any) -> None:
+        """Engines that hash alike (algorithm, seed, block size, LoRA registry) share a group;
+        the block tree keeps each group's roots apart."""
+        with self._lock:
+            self._engine(engine)
+            self._groups[engine] = group
+
     # ---- events ----------------------------------------------------------------------------
     def apply(self, engine: str, batch: KVEventBatch) -> None:
         """Apply one decoded batch. Unknown removals are ignored (the block was stored before
@@ -86,6 +104,7 @@ class ResidencyIndex:
             for ev in batch.events:
                 if isinstance(ev, BlockStored):
                     self._store(e, ev.medium or "GPU", ev.block_hashes)
+                    self._grow_tree(e, ev)
                 elif isinstance(ev, BlockRemoved):
                     self._remove(e, ev.medium or "GPU", ev.block_hashes)
                 elif isinstance(ev, AllBlocksCleared):
@@ -115,6 +134,53 @@ class ResidencyIndex:
                 masks[h] = masks.get(h, 0) | bit
         self.blocks_applied += len(hashes)
 
+    def _grow_tree(self, e: EngineResidency, ev: BlockStored) -> None:
+        n, bs = len(ev.block_hashes), ev.block_size
+        if n == 0 or bs <= 0 or len(ev.token_ids) != n * bs:
+            return  # masked or hybrid groups carry no usable token ids
+        toks = np.asarray(ev.token_ids, dtype=np.uint32).reshape(n, bs)
+        cks = content_hashes(toks, seed=self.secret).tolist()
+        group = self._groups.get(e.name)
+        prev = ev.parent_block_hash
+        for raw, ck in zip(ev.block_hashes, cks, strict=True):
+            h = raw if type(raw) is int and raw >= 0 else to_u64(raw)
+            if prev is None:
+                first = ev.extra_keys[0] if ev.extra_keys else None
+                parent: Any = ("root", group, bs, _freeze(first))
+            else:
+                parent = prev if type(prev) is int else to_u64(prev)
+            key = (parent, ck)
+            if h not in self._tree_key:
+                self._tree[key] = h
+                self._tree_key[h] = key
+            prev = h
+
+    def _prune(self, h: int) -> None:
+        """Drop ``h`` from the tree once no engine holds it in any medium."""
+        if any(h in masks for masks in self._masks.values()):
+            return
+        key = self._tree_key.pop(h, None)
+        if key is not None and self._tree.get(key) == h:
+            del self._tree[key]
+
+    def tree_keys(
+        self, group: Any, block_size: int, root_extra: Any, content_keys: Sequence[int]
+    ) -> list[int]:
+        """Hashes of the leading blocks some engine of ``group`` stored, found by walking the
+        tree with the prompt's (keyed) content keys: no sha256. ``root_extra`` is block 0's
+        untagged event extra keys (e.g. ``[lora_name, cache_salt]``) or None."""
+        out: list[int] = []
+        with self._lock:
+            tree = self._tree
+            parent: Any = ("root", group, block_size, _freeze(root_extra))
+            for ck in content_keys:
+                h = tree.get((parent, ck))
+                if h is None:
+                    break
+                out.append(h)
+                parent = h
+        return out
+
     def _remove(self, e: EngineResidency, medium: str, hashes: Sequence[int | bytes]) -> None:
         counts = e.counts.get(medium)
         if not counts:
@@ -135,6 +201,7 @@ class ResidencyIndex:
                 masks[h] = m
             else:
                 masks.pop(h, None)
+                self._prune(h)
         self.blocks_applied += len(hashes)
 
     def _clear(self, e: EngineResidency) -> None:
@@ -146,6 +213,7 @@ class ResidencyIndex:
                     masks[h] = m
                 else:
                     masks.pop(h, None)
+                    self._prune(h)
             counts.clear()
 
     # ---- speculation -----------------------------------------------------------------------
@@ -269,3 +337,10 @@ class PrefixWalk:
             held = self.position if self.alive & b else self._held_upto.get(b, 0)
             out[n] = PrefixScore(held, held - self._discount.get(b, 0.0))
         return out
+
+
+def _freeze(x: Any) -> Any:
+    """Hashable form of an event's untagged extra keys (lists become tuples)."""
+    if isinstance(x, list | tuple):
+        return tuple(_freeze(i) for i in x)
+    return x

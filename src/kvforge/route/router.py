@@ -64,10 +64,10 @@ class HashMemo:
     full it becomes the old one and the previous old one is dropped.
     """
 
-    def __init__(self, hasher: BlockHasher, capacity: int = 1 << 18) -> None:
+    def __init__(self, hasher: BlockHasher, capacity: int = 1 << 18, secret: int | None = None):
         self.hasher = hasher
         self.capacity = capacity
-        self.secret = int.from_bytes(os.urandom(8), "little")
+        self.secret = int.from_bytes(os.urandom(8), "little") if secret is None else secret
         self._young: dict[tuple[Any, ...], tuple[bytes, int]] = {}
         self._old: dict[tuple[Any, ...], tuple[bytes, int]] = {}
         self._lock = threading.Lock()
@@ -94,6 +94,11 @@ class _LazyKeys:
         self._ck = content_hashes(arr.reshape(self.num_blocks, bs), seed=memo.secret).tolist()
         self._digests: list[bytes] = []
         self.keys: list[int] = []
+        self.tree_keys: list[int] = []  # hashes found in the residency's block tree
+
+    @property
+    def content_keys(self) -> list[int]:
+        return self._ck
 
     def upto(self, k: int) -> list[int]:
         """Keys of blocks ``[0, k)`` (the returned list may be longer; slice it)."""
@@ -167,8 +172,9 @@ class Router:
             raise InvalidInputError("engine names must be unique")
         self.engines = {e.name: e for e in engines}
         self.residency = residency if residency is not None else ResidencyIndex()
-        for n in names:
-            self.residency.engine(n)
+        for e in engines:
+            # engines that hash alike share a branch of the residency's block tree
+            self.residency.set_group(e.name, (*e.hash_config(), tuple(sorted(e.loras.items()))))
         self._tokenizer = tokenizer
         self.prefill_weight = prefill_weight
         self.load_weight = load_weight
@@ -180,7 +186,8 @@ class Router:
             key = e.hash_config()
             if key not in self._memos:
                 hasher = BlockHasher(e.hash_algo, block_size=e.block_size, hash_seed=e.hash_seed)
-                self._memos[key] = HashMemo(hasher)
+                # the residency's secret: the router's content keys walk its block tree too
+                self._memos[key] = HashMemo(hasher, secret=self.residency.secret)
 
     @property
     def tokenizer(self) -> PromptTokenizer:
@@ -248,7 +255,8 @@ class Router:
             )
             for m in members:
                 seqs[m] = seq
-            for m, ps in self._scores(seq, members, now).items():
+            root_extra = [x for x in (lora if path else None, salt) if x] or None
+            for m, ps in self._scores(seq, members, now, root_extra).items():
                 scores[m] = ps.score
                 held[m] = ps.blocks
         loads = loads or {}
@@ -270,18 +278,39 @@ class Router:
         if len(eligible) < len(candidates):
             reason += f" ({len(candidates) - len(eligible)} overloaded engines skipped)"
         seq = seqs[best]
-        if speculate and self.speculative_ttl > 0 and seq.num_hashed:
+        if speculate and self.speculative_ttl > 0 and (seq.num_hashed or seq.tree_keys):
             # The blocks hashed so far (the longest held prefix plus one chunk, at least 32)
             # are enough for a sibling request with the same prefix to land here too.
-            keys = seq.keys[: seq.num_hashed]
+            keys = seq.tree_keys or seq.keys[: seq.num_hashed]
             self.residency.speculate(best, keys, self.speculative_ttl, now)
         return RouteDecision(best, held[best], seq.num_blocks, len(toks), scores, costs,
                              reason)  # fmt: skip
 
-    def _scores(self, seq: _LazyKeys, members: list[str], now: float) -> dict[str, Any]:
-        """Hash only as far as some engine holds the prefix (doubling chunks)."""
-        walk = self.residency.walk(members, now=now)
-        done, k = 0, min(seq.num_blocks, 32)
-        while done < seq.num_blocks and walk.extend(seq.upto(k)[done:k]):
-            done, k = k, min(seq.num_blocks, 2 * k)
-        return walk.result()
+    def _scores(
+        self, seq: _LazyKeys, members: list[str], now: float, root_extra: list[str] | None
+    ) -> dict[str, Any]:
+        """Per engine, its cached prefix. The hashes of blocks some engine stored come from the
+        residency's block tree (built from the events' token ids: no sha256); a prompt the
+        tree does not know is hashed, only as far as some engine holds it (doubling chunks)
+        — that path also sees speculative entries."""
+        out: dict[str, Any] = {}
+        bs = self.engines[members[0]].block_size
+        by_group: dict[Any, list[str]] = {}
+        for m in members:
+            by_group.setdefault(self._group(m), []).append(m)
+        for group, ms in by_group.items():
+            walk = self.residency.walk(ms, now=now)
+            known = self.residency.tree_keys(group, bs, root_extra, seq.content_keys)
+            if known:
+                walk.extend(known)
+                seq.tree_keys = known
+            else:
+                done, k = 0, min(seq.num_blocks, 32)
+                while done < seq.num_blocks and walk.extend(seq.upto(k)[done:k]):
+                    done, k = k, min(seq.num_blocks, 2 * k)
+            out.update(walk.result())
+        return out
+
+    def _group(self, engine: str) -> Any:
+        e = self.engines[engine]
+        return (*e.hash_config(), tuple(sorted(e.loras.items())))
