@@ -191,7 +191,10 @@ def normalize_hashes(batch: KVEventBatch) -> KVEventBatch:
     anything is applied when one is unusable."""
     for ev in batch.events:
         if isinstance(ev, BlockStored | BlockRemoved):
-            ev.block_hashes = [to_u64(h) for h in ev.block_hashes]
+            hs = ev.block_hashes
+            # the common case (u64 from msgspec) needs no conversion
+            if not all(type(h) is int and 0 <= h <= _U64 for h in hs):
+                ev.block_hashes = [to_u64(h) for h in hs]
         if isinstance(ev, BlockStored) and ev.parent_block_hash is not None:
             ev.parent_block_hash = to_u64(ev.parent_block_hash)
     return batch

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import xxhash
 
-from kvforge.blocks import BlockHasher, LoRA, block_extra_keys, content_hashes, validate_cache_salt
+from kvforge.blocks import BlockHasher, LoRA, block_extra_keys, validate_cache_salt
 from kvforge.errors import InvalidInputError
-from kvforge.route.residency import ResidencyIndex
+from kvforge.route.residency import ResidencyIndex, block_keys
 from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
 
 
@@ -90,8 +89,8 @@ class _LazyKeys:
         bs = memo.hasher.block_size
         self.memo, self.toks, self.salt, self.lora = memo, toks, salt, lora
         self.num_blocks = len(toks) // bs
-        arr = np.frombuffer(array("I", toks[: self.num_blocks * bs]), dtype=np.uint32)
-        self._ck = content_hashes(arr.reshape(self.num_blocks, bs), seed=memo.secret).tolist()
+        # the residency's keyed block keys: the same for its block tree and this memo
+        self._ck = block_keys(array("I", toks[: self.num_blocks * bs]), bs, memo.secret)
         self._digests: list[bytes] = []
         self.keys: list[int] = []
         self.tree_keys: list[int] = []  # hashes found in the residency's block tree
