@@ -308,6 +308,23 @@ class PrefixWalk:
             others = [(w, masks[m]) for m, w in idx._weights() if m != "GPU" and m in masks]
             spec = idx._spec_mask
             alive, pos = self.alive, self.position
+            if not others and not spec:
+                # the common case: one tier, nothing speculative — two operations per block
+                held = self._held_upto
+                get = gpu.get
+                for h in keys:
+                    if not alive:
+                        break
+                    m = get(h, 0)
+                    dropped = alive & ~m
+                    while dropped:
+                        low = dropped & -dropped
+                        held[low] = pos
+                        dropped ^= low
+                    alive &= m
+                    pos += 1
+                self.alive, self.position = alive, pos
+                return bool(alive)
             for h in keys:
                 if not alive:
                     break

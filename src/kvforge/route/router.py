@@ -171,9 +171,11 @@ class Router:
             raise InvalidInputError("engine names must be unique")
         self.engines = {e.name: e for e in engines}
         self.residency = residency if residency is not None else ResidencyIndex()
+        self._groups: dict[str, Any] = {}
         for e in engines:
             # engines that hash alike share a branch of the residency's block tree
-            self.residency.set_group(e.name, (*e.hash_config(), tuple(sorted(e.loras.items()))))
+            self._groups[e.name] = (*e.hash_config(), tuple(sorted(e.loras.items())))
+            self.residency.set_group(e.name, self._groups[e.name])
         self._tokenizer = tokenizer
         self.prefill_weight = prefill_weight
         self.load_weight = load_weight
@@ -269,10 +271,11 @@ class Router:
         }
         tie = xxhash.xxh3_64_intdigest(repr(toks[:16]).encode())
         # lowest cost; ties go to a rendezvous hash of the first block, so cold prompts spread
-        best = min(
-            eligible,
-            key=lambda c: (costs[c], load[c], xxhash.xxh3_64_intdigest(f"{c}/{tie}".encode())),
-        )
+        low = min((costs[c], load[c]) for c in eligible)
+        tied = [c for c in eligible if (costs[c], load[c]) == low]
+        best = tied[0] if len(tied) == 1 else min(
+            tied, key=lambda c: xxhash.xxh3_64_intdigest(f"{c}/{tie}".encode())
+        )  # fmt: skip
         reason = "longest cached prefix" if held[best] else "no engine holds the prefix"
         if len(eligible) < len(candidates):
             reason += f" ({len(candidates) - len(eligible)} overloaded engines skipped)"
@@ -311,5 +314,4 @@ class Router:
         return out
 
     def _group(self, engine: str) -> Any:
-        e = self.engines[engine]
-        return (*e.hash_config(), tuple(sorted(e.loras.items())))
+        return self._groups[engine]
