@@ -183,3 +183,19 @@ def test_block_tree_from_golden_events_gives_the_engines_hashes_without_hashing(
     assert held == chain_keys(BlockHasher().chain(range(32))).tolist()
     r.residency.apply("pod-a", KVEventBatch(0.0, [AllBlocksCleared()]))
     assert r.residency.tree_keys(group, 16, None, plain.content_keys) == []  # pruned
+
+
+def test_an_engine_whose_events_stop_goes_stale_and_recovers() -> None:
+    r = Router([EngineConfig("e0"), EngineConfig("e1")], speculative_ttl=0, stale_after=5.0)
+    first = r.route_tokens(PROMPT, now=100.0).engine  # new blocks: an event is now expected
+    assert r.stale_engines(now=104.0) == []
+    assert r.stale_engines(now=106.0) == [first]  # nothing arrived within 5 s
+    other = r.route_tokens(PROMPT, now=106.0)
+    assert other.engine != first and "stale" in other.reason
+    ev = BlockStored(block_hashes=_keys(PROMPT)[:3], medium="GPU")
+    r.residency.apply(first, KVEventBatch(0.0, [ev]))  # events resume
+    assert r.stale_engines(now=107.0) == []  # the other engine's wait has just begun
+    # only stale engines left: they still get traffic
+    only = Router([EngineConfig("e0")], speculative_ttl=0, stale_after=1.0)
+    only.route_tokens(PROMPT, now=0.0)
+    assert only.route_tokens(PROMPT, now=10.0).engine == "e0"

@@ -72,6 +72,7 @@ class RouterSection:
     balance_rel: float = 1.5
     balance_abs: float = 256.0
     speculative_ttl: float = 2.0
+    stale_after: float | None = 30.0  # seconds without events after new blocks were routed
 
 
 @dataclass

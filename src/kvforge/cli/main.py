@@ -416,7 +416,8 @@ def serve_cmd(
         router = (
             Router(cfg.engines, tokenizer=matcher.tokenizer, prefill_weight=rc.prefill_weight,
                    load_weight=rc.load_weight, balance_rel=rc.balance_rel,
-                   balance_abs=rc.balance_abs, speculative_ttl=rc.speculative_ttl)
+                   balance_abs=rc.balance_abs, speculative_ttl=rc.speculative_ttl,
+                   stale_after=rc.stale_after)
             if cfg.engines else None
         )  # fmt: skip
     except KvforgeError as exc:

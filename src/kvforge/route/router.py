@@ -163,6 +163,7 @@ class Router:
         balance_rel: float = 1.5,
         balance_abs: float = 256.0,
         speculative_ttl: float = 2.0,
+        stale_after: float | None = None,
     ):
         if not engines:
             raise InvalidInputError("a router needs at least one engine")
@@ -182,6 +183,10 @@ class Router:
         self.balance_rel = balance_rel
         self.balance_abs = balance_abs
         self.speculative_ttl = speculative_ttl
+        # An engine that was sent new blocks but published no event for ``stale_after``
+        # seconds is stale (its event stream stopped): it gets no traffic until events resume.
+        self.stale_after = stale_after
+        self._awaiting: dict[str, float] = {}  # engine -> first unconfirmed decision
         self._memos: dict[tuple[str, str | None, int], HashMemo] = {}
         for e in engines:
             key = e.hash_config()
@@ -264,7 +269,8 @@ class Router:
         load = {c: float(loads.get(c, 0.0)) for c in candidates}
         mean_load = sum(load.values()) / len(load)
         limit = self.balance_rel * mean_load + self.balance_abs
-        eligible = [c for c in candidates if load[c] <= limit] or candidates
+        fresh = [c for c in candidates if not self._stale(c, now)] or candidates
+        eligible = [c for c in fresh if load[c] <= limit] or fresh
         costs = {
             c: (seqs[c].num_blocks - scores[c]) * self.prefill_weight + load[c] * self.load_weight
             for c in candidates
@@ -277,9 +283,13 @@ class Router:
             tied, key=lambda c: xxhash.xxh3_64_intdigest(f"{c}/{tie}".encode())
         )  # fmt: skip
         reason = "longest cached prefix" if held[best] else "no engine holds the prefix"
-        if len(eligible) < len(candidates):
-            reason += f" ({len(candidates) - len(eligible)} overloaded engines skipped)"
+        if len(fresh) < len(candidates):
+            reason += f" ({len(candidates) - len(fresh)} stale engines skipped)"
+        if len(eligible) < len(fresh):
+            reason += f" ({len(fresh) - len(eligible)} overloaded engines skipped)"
         seq = seqs[best]
+        if self.stale_after is not None and held[best] < seq.num_blocks:
+            self._awaiting.setdefault(best, now)  # its BlockStored event should follow
         if speculate and self.speculative_ttl > 0 and (seq.num_hashed or seq.tree_keys):
             # The blocks hashed so far (the longest held prefix plus one chunk, at least 32)
             # are enough for a sibling request with the same prefix to land here too.
@@ -312,6 +322,20 @@ class Router:
                     done, k = k, min(seq.num_blocks, 2 * k)
             out.update(walk.result())
         return out
+
+    def _stale(self, engine: str, now: float) -> bool:
+        since = self._awaiting.get(engine)
+        if since is None or self.stale_after is None:
+            return False
+        if self.residency.engine(engine).last_event >= since:
+            del self._awaiting[engine]  # events flow: not stale
+            return False
+        return now - since > self.stale_after
+
+    def stale_engines(self, now: float | None = None) -> list[str]:
+        """Engines currently skipped because their KV events stopped."""
+        now = time.monotonic() if now is None else now
+        return [e for e in self.engines if self._stale(e, now)]
 
     def _group(self, engine: str) -> Any:
         return self._groups[engine]
