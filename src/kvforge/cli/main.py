@@ -24,6 +24,22 @@ app = typer.Typer(
 )
 
 
+# Options every command shares: one definition each, so their help stays the same everywhere.
+_ALGO_HELP = f"The engines' --prefix-caching-hash-algo: {', '.join(HASH_ALGOS)}."
+AlgoOpt = Annotated[str, typer.Option("--algo", help=_ALGO_HELP)]
+BlockSizeOpt = Annotated[
+    int, typer.Option("--block-size", min=1, help="The engines' --block-size.")
+]
+HashSeedOpt = Annotated[
+    str | None, typer.Option("--hash-seed", help="The engines' PYTHONHASHSEED (omit when unset).")
+]
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option("--tokenizer", help="Local tokenizer.json (default: the shipped Qwen3)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
 @app.callback()
 def _root() -> None:
     """Exact KV-cache reuse analysis for multi-agent LLM pipelines (vLLM-identical hashes)."""
@@ -68,15 +84,9 @@ def hash_cmd(
             "rendered with the model's chat template as /v1/chat/completions does.",
         ),
     ] = None,
-    algo: Annotated[
-        str, typer.Option("--algo", help=f"One of {', '.join(HASH_ALGOS)}.")
-    ] = "sha256",
-    block_size: Annotated[
-        int, typer.Option("--block-size", min=1, help="The engines' --block-size.")
-    ] = 16,
-    hash_seed: Annotated[
-        str | None, typer.Option("--hash-seed", help="The engine's PYTHONHASHSEED (unset: omit).")
-    ] = None,
+    algo: AlgoOpt = "sha256",
+    block_size: BlockSizeOpt = 16,
+    hash_seed: HashSeedOpt = None,
     cache_salt: Annotated[
         str | None, typer.Option("--cache-salt", help="The request's cache_salt.")
     ] = None,
@@ -86,10 +96,8 @@ def hash_cmd(
     lora_path: Annotated[
         str | None, typer.Option("--lora-path", help="LoRA adapter path as loaded by the engine.")
     ] = None,
-    tokenizer: Annotated[
-        str | None, typer.Option("--tokenizer", help="Local tokenizer.json (default: Qwen3).")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    tokenizer: TokenizerOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the vLLM prefix-cache hash of every full block of a prompt."""
     given = [x is not None for x in (text, token_ids, messages)]
@@ -172,21 +180,11 @@ def hash_cmd(
 @app.command("analyze")
 def analyze_cmd(
     trace: Annotated[Path, typer.Argument(help="JSONL trace, or a folder of prompt files.")],
-    algo: Annotated[
-        str, typer.Option("--algo", help="The engines' --prefix-caching-hash-algo.")
-    ] = "sha256",
-    block_size: Annotated[
-        int, typer.Option("--block-size", min=1, help="The engines' --block-size.")
-    ] = 16,
-    hash_seed: Annotated[
-        str | None,
-        typer.Option("--hash-seed", help="The engines' PYTHONHASHSEED (omit when unset)."),
-    ] = None,
-    tokenizer: Annotated[
-        str | None,
-        typer.Option("--tokenizer", help="Local tokenizer.json (default: the shipped Qwen3)."),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    algo: AlgoOpt = "sha256",
+    block_size: BlockSizeOpt = 16,
+    hash_seed: HashSeedOpt = None,
+    tokenizer: TokenizerOpt = None,
+    as_json: JsonOpt = False,
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")
     ] = None,
@@ -286,21 +284,11 @@ def simulate_cmd(
             "--policy", help="round_robin, least_load, first_block_hash, prefix, oracle or all"
         ),
     ] = "all",
-    block_size: Annotated[
-        int, typer.Option("--block-size", min=1, help="The engines' --block-size.")
-    ] = 16,
-    algo: Annotated[
-        str, typer.Option("--algo", help="The engines' --prefix-caching-hash-algo.")
-    ] = "sha256",
-    hash_seed: Annotated[
-        str | None,
-        typer.Option("--hash-seed", help="The engines' PYTHONHASHSEED (omit when unset)."),
-    ] = None,
-    tokenizer: Annotated[
-        str | None,
-        typer.Option("--tokenizer", help="Local tokenizer.json (default: the shipped Qwen3)."),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    block_size: BlockSizeOpt = 16,
+    algo: AlgoOpt = "sha256",
+    hash_seed: HashSeedOpt = None,
+    tokenizer: TokenizerOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Replay a trace on simulated vLLM-like engines under routing policies and compare the
     prefix-cache hit rate, prefill tokens and load spread."""
@@ -363,14 +351,8 @@ def serve_cmd(
     algo: Annotated[
         str | None, typer.Option("--algo", help="The engines' --prefix-caching-hash-algo.")
     ] = None,
-    hash_seed: Annotated[
-        str | None,
-        typer.Option("--hash-seed", help="The engines' PYTHONHASHSEED (omit when unset)."),
-    ] = None,
-    tokenizer: Annotated[
-        str | None,
-        typer.Option("--tokenizer", help="Local tokenizer.json (default: the shipped Qwen3)."),
-    ] = None,
+    hash_seed: HashSeedOpt = None,
+    tokenizer: TokenizerOpt = None,
     api_token_env: Annotated[
         str | None,
         typer.Option(
