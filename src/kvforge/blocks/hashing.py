@@ -268,18 +268,17 @@ def _lane_constants(width: int, seed: int = 0) -> np.ndarray:
     return _fmix64(lanes ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
 
 
-def content_hashes(tokens: np.ndarray, *, seed: int = 0) -> np.ndarray:
+def content_hashes(tokens: np.ndarray) -> np.ndarray:
     """Position-independent 64-bit content hash per block (``tokens``: ``[n_blocks, B]``).
 
     ``fmix64(sum_j fmix64(t_j XOR K_j))`` with a distinct constant ``K_j`` per in-block
     position, so it is order-aware; vectorized over the whole prompt (~50 µs for 8k tokens).
-    Equal tokens ⇔ equal hash up to 64-bit collisions: the index verifies tokens. A secret
-    ``seed`` makes collisions unpredictable where a key is trusted without verification.
+    Equal tokens ⇔ equal hash up to 64-bit collisions: the index verifies tokens.
     """
     arr = np.asarray(tokens)
     if arr.shape[0] == 0:
         return np.zeros(0, dtype=np.uint64)
-    x = arr.astype(np.uint64) ^ _lane_constants(arr.shape[1], seed)
+    x = arr.astype(np.uint64) ^ _lane_constants(arr.shape[1])
     return _fmix64(_fmix64(x).sum(axis=1, dtype=np.uint64))
 
 

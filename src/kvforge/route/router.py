@@ -57,8 +57,8 @@ class HashMemo:
     """Chain hashes of recently routed blocks, so a conversation's shared prefix is not
     re-hashed on every turn (sha256 dominates routing cost).
 
-    Key: (parent digest, keyed content hash of the block); block 0 adds the salt and LoRA.
-    The content hash is keyed with a per-process secret, so nobody can craft a block that
+    Key: (parent digest, keyed block key — ``residency.block_keys``); block 0 adds the salt and
+    LoRA. The block key is keyed with a per-process secret, so nobody can craft a block that
     collides with another's entry. Two generations bound the memory: when the young one is
     full it becomes the old one and the previous old one is dropped.
     """
