@@ -18,3 +18,100 @@ def golden_hashes() -> dict:
 @pytest.fixture(scope="session")
 def qwen3() -> PromptTokenizer:
     return PromptTokenizer.qwen3()
+
+
+# ---- a real redis-server for the Redis backend's tests ------------------------------------
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process on 127.0.0.1 that tests may stop and start again. Its data
+    survives a restart (append-only file) unless ``wipe`` is set."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, *, wipe: bool = False) -> None:
+        if wipe:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.dir), "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def _need_redis() -> None:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("KVFORGE_REQUIRE_REDIS"):
+            pytest.fail("redis-server is required (apt-get install redis-server)")
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    _need_redis()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    os.environ["KVFORGE_TEST_REDIS_URL"] = server.url
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of the test's own, for tests that stop and restart it."""
+    _need_redis()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def redis_index_url(base: str) -> str:
+    """A fresh key prefix per call: tests share one server without seeing each other."""
+    return f"{base}?prefix=kvt-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def index_url(request: pytest.FixtureRequest) -> Callable[[], str]:
+    """Every index test runs on both backends: call it for a new, empty index's URL."""
+    if request.param == "memory":
+        return lambda: "memory://"
+    server = request.getfixturevalue("redis_server")
+    return lambda: redis_index_url(server.url)

@@ -19,8 +19,8 @@ def tok():
 
 
 @pytest.fixture
-def m(tok) -> SyncMatcher:
-    return SyncMatcher(tokenizer=tok)
+def m(tok, index_url) -> SyncMatcher:
+    return SyncMatcher(tokenizer=tok, index=index_url())
 
 
 def ids(start: int, n: int) -> list[int]:

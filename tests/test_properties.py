@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 
+import pytest
+from conftest import redis_index_url
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -41,10 +44,23 @@ def _check(m: SyncMatcher, ref: RefIndex, tenant: str, tokens: list[int], salt, 
 
 
 class IndexMachine(RuleBasedStateMachine):
+    """In memory: one matcher against the reference."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.m = SyncMatcher(block_size=BS)
+        self.m = self.replicas = None
+        self.setup()
+        assert self.m is not None
         self.ref = RefIndex(self.m.hasher)
+
+    def setup(self) -> None:
+        self.m = SyncMatcher(block_size=BS)
+        self.replicas = [self.m]
+
+    @rule(replica=st.integers(0, 2))
+    def switch(self, replica: int) -> None:
+        """Later steps run on another replica (only the Redis machine has several)."""
+        self.m = self.replicas[replica % len(self.replicas)]
 
     @rule(
         tenant=st.sampled_from(TENANTS), agent=st.sampled_from(AGENTS), tokens=prompts, salt=salts
@@ -76,19 +92,41 @@ class IndexMachine(RuleBasedStateMachine):
         assert s["blocks"] == len(distinct)
 
 
+class RedisIndexMachine(IndexMachine):
+    """On Redis: three replicas (three processes' worth of state) share one index; every step
+    may run on any of them, and each must agree with the reference at every step."""
+
+    def setup(self) -> None:
+        url = redis_index_url(os.environ["KVFORGE_TEST_REDIS_URL"])
+        self.replicas = [SyncMatcher(block_size=BS, index=url) for _ in range(3)]
+        self.m = self.replicas[0]
+
+
 IndexMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=30, deadline=None)
 TestIndexMachine = IndexMachine.TestCase
+RedisIndexMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=30, deadline=None
+)
 
 
-def test_threaded_stress_matches_reference() -> None:
+@pytest.mark.usefixtures("redis_server")
+class TestRedisIndexMachine(RedisIndexMachine.TestCase):  # type: ignore[name-defined]
+    pass
+
+
+def test_threaded_stress_matches_reference(index_url) -> None:
     """Many threads index, clear and query at once: no exception, and the final state equals
-    the reference model replaying each thread's last word per agent."""
-    m = SyncMatcher(block_size=BS)
+    the reference model replaying each thread's last word per agent. On Redis, the threads
+    are spread over two replicas and the final state is checked on both."""
+    url = index_url()
+    replicas = [SyncMatcher(block_size=BS, index=url) for _ in range(1 if "memory" in url else 2)]
+    m = replicas[0]
     errors: list[BaseException] = []
     final: dict[str, list[int] | None] = {}
     lock = threading.Lock()
 
     def worker(seed: int) -> None:
+        m = replicas[seed % len(replicas)]
         rnd = random.Random(seed)
         agent = f"agent{seed}"
         try:
@@ -125,10 +163,11 @@ def test_threaded_stress_matches_reference() -> None:
     for agent, toks in final.items():
         if toks is not None:
             ref.put("default", agent, toks)
-    for toks in ([1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 9, 9, 1, 2, 3, 4], [2, 3, 4, 5, 5, 6, 7, 8]):
-        depth, kinds = ref.expect("default", toks, near_radius=m.near_radius)
-        r = m.find_reusable_blocks(toks)
-        assert r.prefix_blocks_by_owner == depth
-        got = [b.kind + (str(b.distance) if b.kind == "near" else "") for b in r.blocks]
-        assert got == [k for k, _ in kinds]
-    assert m.stats()["agents"] == len(ref.owners)
+    for m in replicas:
+        for toks in ([1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 9, 9, 1, 2, 3, 4], [2, 3, 4, 5, 5, 6, 7, 8]):
+            depth, kinds = ref.expect("default", toks, near_radius=m.near_radius)
+            r = m.find_reusable_blocks(toks)
+            assert r.prefix_blocks_by_owner == depth
+            got = [b.kind + (str(b.distance) if b.kind == "near" else "") for b in r.blocks]
+            assert got == [k for k, _ in kinds]
+        assert m.stats()["agents"] == len(ref.owners)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvforge import PromptTokenizer, SyncMatcher
@@ -41,9 +41,11 @@ def _spans(m: SyncMatcher, q: list[int], **kw) -> set[tuple]:
     return {(s.owner, s.query_start, s.owner_start, s.length) for s in r.moved_spans}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
-def test_spans_equal_brute_force_on_random_prompts(data: st.DataObject) -> None:
+def test_spans_equal_brute_force_on_random_prompts(index_url, data: st.DataObject) -> None:
     rnd = random.Random(data.draw(st.integers(0, 10**6)))
     vocab = data.draw(st.sampled_from([3, 50, 5000]))  # tiny vocabularies: many repeats
 
@@ -53,17 +55,17 @@ def test_spans_equal_brute_force_on_random_prompts(data: st.DataObject) -> None:
     doc = toks(rnd.randint(20, 120))
     owners = {f"a{i}": toks(rnd.randint(0, 40)) + doc + toks(rnd.randint(0, 40))
               for i in range(rnd.randint(1, 3))}  # fmt: skip
-    m = SyncMatcher(block_size=16)
+    m = SyncMatcher(block_size=16, index=index_url())
     for name, t in owners.items():
         m.index_prompt(name, t)
     q = toks(rnd.randint(0, 50)) + doc[rnd.randint(0, 10) :] + toks(rnd.randint(0, 30))
     assert _spans(m, q) == brute_spans(q, owners, 16)
 
 
-def test_spans_on_real_text_and_cacheblend_budget() -> None:
+def test_spans_on_real_text_and_cacheblend_budget(index_url) -> None:
     tk = PromptTokenizer.qwen3()
     doc = (ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE").read_text()[:6000]
-    m = SyncMatcher(tokenizer=tk)
+    m = SyncMatcher(tokenizer=tk, index=index_url())
     a = tk.encode_text("You are the retriever.\n\n" + doc).token_ids
     m.index_prompt("retriever", list(a))
     q = list(tk.encode_text("Critic here. Please check this document:\n" + doc).token_ids)
@@ -98,10 +100,10 @@ def _brute_near(q: np.ndarray, rows: np.ndarray, r: int) -> int | None:
 
 
 @pytest.mark.parametrize("radius", [1, 2, 3])
-def test_near_radius_search_equals_brute_force(radius: int) -> None:
+def test_near_radius_search_equals_brute_force(radius: int, index_url) -> None:
     rng = np.random.default_rng(radius)
     base = rng.integers(0, 30, (200, 16))  # small vocabulary: many close pairs
-    m = SyncMatcher(near_radius=radius)
+    m = SyncMatcher(near_radius=radius, index=index_url())
     for i in range(0, 200, 10):
         m.index_prompt(f"o{i}", base[i : i + 10].ravel().tolist())
     for _ in range(30):
@@ -120,11 +122,11 @@ def test_near_radius_search_equals_brute_force(radius: int) -> None:
                     assert q[b.index - 1][pos] == qtok != tok
 
 
-def test_near_finds_small_edits_and_explains_them() -> None:
+def test_near_finds_small_edits_and_explains_them(index_url) -> None:
     tk = PromptTokenizer.qwen3()
     text = ("Meeting notes for 2026-11-27. Attendees: Alice, Bob. The planner proposed a "
             "token bucket; the critic asked for a Redis outage drill. ") * 8  # fmt: skip
-    m = SyncMatcher(tokenizer=tk)
+    m = SyncMatcher(tokenizer=tk, index=index_url())
     m.index_prompt("notes", text)
     q = text.replace("2026-11-27", "2026-11-28")
     r = m.find_reusable_blocks(q)
@@ -135,10 +137,10 @@ def test_near_finds_small_edits_and_explains_them() -> None:
     assert tk.decode([near.diff[0][1]]) == "8" and tk.decode([near.diff[0][2]]) == "7"
 
 
-def test_fix_advice_for_a_name_early_in_a_template() -> None:
+def test_fix_advice_for_a_name_early_in_a_template(index_url) -> None:
     tk = PromptTokenizer.qwen3()
     shared = (ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE").read_text()[:4000]
-    m = SyncMatcher(tokenizer=tk)
+    m = SyncMatcher(tokenizer=tk, index=index_url())
     m.index_prompt("planner", "You are agent PLANNER.\n" + shared)
     r = m.find_reusable_blocks("You are agent CRITIC-7.\n" + shared, exclude_agent="critic")
     assert r.fixes, r.moved_spans[:2]
@@ -147,10 +149,10 @@ def test_fix_advice_for_a_name_early_in_a_template() -> None:
     assert "CRIT" in fix.breaking_text and "put it after them" in fix.advice
 
 
-def test_spans_and_near_respect_tenants_exclusion_and_clearing() -> None:
+def test_spans_and_near_respect_tenants_exclusion_and_clearing(index_url) -> None:
     rng = np.random.default_rng(5)
     doc = rng.integers(0, 150000, 200).tolist()
-    m = SyncMatcher()
+    m = SyncMatcher(index=index_url())
     m.index_prompt("a", [1, 2, 3, *doc], tenant="t1")
     m.index_prompt("a:system", [9, *doc], tenant="t2")
     q = [7, 7, 7, 7, 7, *doc]
@@ -170,13 +172,15 @@ def test_spans_and_near_respect_tenants_exclusion_and_clearing() -> None:
     assert next(b.kind for b in m.find_reusable_blocks(edited, tenant="t1").blocks) == "none"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
-def test_no_query_of_one_tenant_ever_sees_another(data: st.DataObject) -> None:
+def test_no_query_of_one_tenant_ever_sees_another(index_url, data: st.DataObject) -> None:
     """Spans, moved and near blocks and exact prefixes stay inside the caller's tenant."""
     rnd = random.Random(data.draw(st.integers(0, 10**6)))
     doc = [rnd.randrange(40) for _ in range(rnd.randint(40, 120))]
-    m = SyncMatcher(block_size=16)
+    m = SyncMatcher(block_size=16, index=index_url())
     for i in range(rnd.randint(1, 4)):
         tenant = rnd.choice(["A", "B"])
         noise = [rnd.randrange(40) for _ in range(rnd.randint(0, 30))]

@@ -9,6 +9,7 @@ from kvforge.index.base import (
     is_excluded,
 )
 from kvforge.index.memory import MemoryIndex
+from kvforge.index.open import open_index
 from kvforge.index.table import U64Table
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "PutResult",
     "U64Table",
     "is_excluded",
+    "open_index",
 ]

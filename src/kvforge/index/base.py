@@ -95,6 +95,8 @@ class LookupResult:
     deepest_hash_block: int = 0  # leading blocks held by anyone, exclusion ignored
     near: dict[int, NearHit] = field(default_factory=dict)  # blocks neither exact nor moved
     spans: list[SharedSpan] = field(default_factory=list)
+    # the backend could not be consulted (shared backend down): nothing is claimed reusable
+    degraded: bool = False
 
 
 MAX_SOURCES = 16
@@ -158,6 +160,10 @@ class BlockIndex(ABC):
     def export(self) -> Iterator[OwnerRecord]:
         """Every owner's indexed prompt (what ``put`` needs to rebuild the index elsewhere).
         O(index); for snapshots."""
+
+    def health(self) -> dict[str, object]:
+        """The backend's link state and failure counters (nothing to report in memory)."""
+        return {"available": True, "failures": 0}
 
     @abstractmethod
     def num_blocks(self) -> int:

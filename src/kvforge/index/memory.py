@@ -680,6 +680,16 @@ class MemoryIndex(BlockIndex):
             t = self._tenants[tenant] = _Tenant(self.block_size)
         return t
 
+    def validate(self, tenant: str, seq: BlockSequence) -> None:
+        """Raise what ``put`` would raise for ``seq``, changing nothing."""
+        t = self._tenant(tenant)
+        if t is not None:
+            t.validate(seq)
+
+    def drop_tenant(self, tenant: str) -> None:
+        """Forget everything the tenant indexed."""
+        self._tenants.pop(tenant, None)
+
     def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
         t = self._tenant(tenant, create=True)
         assert t is not None

@@ -19,7 +19,7 @@ import numpy as np
 
 from kvforge.blocks import BlockHasher, BlockSequence, LoRA, event_hash, validate_cache_salt
 from kvforge.errors import InvalidInputError
-from kvforge.index import BlockIndex, LookupResult, MemoryIndex, OwnerInfo
+from kvforge.index import BlockIndex, LookupResult, OwnerInfo, open_index
 from kvforge.index.anchors import MAX_NEAR_RADIUS
 from kvforge.match.report import (
     BlockMatch,
@@ -67,7 +67,7 @@ class SyncMatcher:
         hash_algo: str = "sha256",
         hash_seed: str | None = None,
         tokenizer: str | Path | PromptTokenizer | None = None,
-        index: BlockIndex | None = None,
+        index: BlockIndex | str | None = None,
         max_prompt_chars: int = 4_000_000,
         max_prompt_tokens: int = 1_000_000,
         near_radius: int = 2,
@@ -83,7 +83,10 @@ class SyncMatcher:
         self.recompute_ratio = recompute_ratio
         self.hasher = BlockHasher(hash_algo, block_size=block_size, hash_seed=hash_seed)
         self.tokenizer = PromptTokenizer.resolve(tokenizer)
-        self.index: BlockIndex = index if index is not None else MemoryIndex(block_size)
+        # an index URL (``memory://``, ``redis://host/0?prefix=kvf&ttl=3600``) or an instance
+        self.index: BlockIndex = (
+            open_index(index, self.hasher) if index is None or isinstance(index, str) else index
+        )
         self.max_prompt_chars = max_prompt_chars
         self.max_prompt_tokens = max_prompt_tokens
         self._lock = threading.Lock()
@@ -234,7 +237,7 @@ class SyncMatcher:
                 spans=self.find_spans,
             )  # fmt: skip
             best = _best_owner(hit)
-            if best is None and seq.num_blocks:
+            if best is None and seq.num_blocks and not hit.degraded:
                 # Nothing shared at block granularity: explain against the prompt that agrees
                 # longest token by token (e.g. an agent name early in a common template).
                 best = self.index.closest_owner(key, seq.tokens[0], exclude=exclude_agent)
@@ -270,6 +273,7 @@ class SyncMatcher:
             fixes=self._fixes(tp, hit, spans, breaks, bs),
             moved_tokens=moved_tokens,
             recompute_tokens=math.ceil(moved_tokens * self.recompute_ratio),
+            degraded=hit.degraded,
         )
 
     def _breaks(self, key: str, seq: BlockSequence, hit: LookupResult) -> dict[str, int]:
@@ -376,6 +380,7 @@ class SyncMatcher:
             "block_size": self.block_size,
             "hash_algo": self.hash_algo,
             "tokenizer": self.tokenizer.name,
+            "backend": self.index.health(),
             # the seed's names, kept for callers written against it
             "total_blocks": s.blocks,
             "total_agents": s.owners,

@@ -86,6 +86,7 @@ class MatchReport:
     fixes: list[Fix] = field(default_factory=list)
     moved_tokens: int = 0  # query tokens (outside the exact prefix) inside some moved span/block
     recompute_tokens: int = 0  # CacheBlend-style budget to reuse them (recompute_ratio of them)
+    degraded: bool = False  # the shared index was unreachable: nothing is claimed reusable
 
     @property
     def exact_blocks(self) -> int:
@@ -120,6 +121,7 @@ class MatchReport:
             "fixes": [asdict(f) for f in self.fixes],
             "moved_tokens": self.moved_tokens,
             "recompute_tokens": self.recompute_tokens,
+            "degraded": self.degraded,
         }
         d["exact_blocks"] = self.exact_blocks
         d["moved_blocks"] = self.moved_blocks

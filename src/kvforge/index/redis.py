@@ -1,0 +1,423 @@
+"""The Redis backend: one truth in Redis, a materialized replica in every process.
+
+Redis holds, per tenant, the *source of truth* — every owner's indexed prompt (its full-block
+tokens, namespace and metadata) in one hash — plus a capped change feed (a stream with one
+entry per put or remove, numbered by a per-tenant version). Each process keeps a
+``MemoryIndex`` replica of the tenants it touches and brings it up to date before it answers:
+
+* a query costs **one** round trip when nothing changed (a script compares the version) and the
+  same one round trip when something did (the script returns the changed owners' records with
+  the feed entries); the lookup itself then runs on the replica, so the chain walk, moved
+  content, near-duplicate tables and span anchors cost what they cost in memory;
+* a put or remove is **one** ``MULTI`` transaction (catch-up script + write script): it is atomic
+  in Redis, and because the catch-up runs in the same transaction, the result (new / shared
+  blocks) is computed against exactly the state the write was applied to;
+* a replica that fell behind the capped feed, or sees a new epoch (the tenant's keys expired or
+  Redis lost its data), rebuilds the tenant from the hash (``HSCAN``), then follows the feed.
+
+Replicas never trust stored hashes: records hold tokens, and each replica hashes them with its
+own configuration — which must equal every other replica's (checked against ``P:config`` at
+start). Optional ``ttl``: an owner not re-indexed for ``ttl`` seconds is expired (swept by
+whichever replica touches the tenant), and an idle tenant's keys vanish after ``ttl``.
+
+Faults: a lookup whose catch-up fails answers "nothing reusable" (``degraded``) instead of
+raising, and counts it; writes raise ``BackendUnavailableError``; nothing needs a restart when
+Redis returns. See ``kvforge.store.redis``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from kvforge.blocks import BlockHasher, BlockSequence, LoRA
+from kvforge.errors import KvforgeError
+from kvforge.index.base import (
+    BlockIndex,
+    IndexStats,
+    LookupResult,
+    OwnerInfo,
+    OwnerRecord,
+    PutResult,
+)
+from kvforge.index.memory import MemoryIndex
+from kvforge.store.redis import BackendUnavailableError, RedisStore
+
+log = logging.getLogger(__name__)
+
+
+class _Record(msgspec.Struct, array_like=True):
+    """One owner's indexed prompt as Redis stores it (msgpack)."""
+
+    owner: str
+    num_tokens: int
+    cache_salt: str | None
+    lora_name: str | None
+    namespace: tuple[str, str, str]
+    tokens: bytes  # little-endian uint32, full blocks only
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(_Record)
+
+# KEYS: meta, owners, feed, seen. ARGV: owner, record ('' removes), feed cap, ttl ms.
+# Returns {version, epoch, feed id, old record or false}; a remove of an unknown owner changes
+# nothing and returns version 0.
+_WRITE = """
+local t = redis.call('TIME')
+redis.call('HSETNX', KEYS[1], 'epoch', t[1] .. '.' .. t[2])
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if ARGV[2] == '' then
+  if not old then return {0, redis.call('HGET', KEYS[1], 'epoch'), '', false} end
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+end
+local v = redis.call('HINCRBY', KEYS[1], 'ver', 1)
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'v', v, 'o', ARGV[1])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return {v, redis.call('HGET', KEYS[1], 'epoch'), id, old}
+"""
+
+# KEYS: meta, owners, feed. ARGV: epoch, version, last feed id, max entries.
+# Returns {epoch, version} when the replica is current; {epoch, version, 'resync'} when it
+# must rebuild; else {epoch, version, last entry's id, owners, records, last entry's version}
+# (at most ARGV[4] entries: the caller loops while the last entry's version < version).
+_CATCH_UP = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'ver')
+local epoch = meta[1] or ''
+local v = tonumber(meta[2] or '0')
+if epoch == ARGV[1] and v == tonumber(ARGV[2]) then return {epoch, v} end
+if epoch ~= ARGV[1] or v < tonumber(ARGV[2]) then return {epoch, v, 'resync'} end
+local es = redis.call('XRANGE', KEYS[3], '(' .. ARGV[3], '+', 'COUNT', ARGV[4])
+if #es == 0 or tonumber(es[1][2][2]) ~= tonumber(ARGV[2]) + 1 then
+  return {epoch, v, 'resync'}
+end
+local owners, seen = {}, {}
+for _, e in ipairs(es) do
+  local o = e[2][4]
+  if not seen[o] then seen[o] = true; owners[#owners + 1] = o end
+end
+return {epoch, v, es[#es][1], owners, redis.call('HMGET', KEYS[2], unpack(owners)),
+        tonumber(es[#es][2][2])}
+"""
+
+# KEYS: meta, owners, feed, seen. ARGV: ttl ms, feed cap, max owners. Expires owners whose
+# last index is older than the TTL, each as a feed entry (so every replica drops it).
+_SWEEP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[1]),
+                       'LIMIT', 0, tonumber(ARGV[3]))
+for _, o in ipairs(old) do
+  redis.call('HDEL', KEYS[2], o)
+  redis.call('ZREM', KEYS[4], o)
+  local v = redis.call('HINCRBY', KEYS[1], 'ver', 1)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'v', v, 'o', o)
+end
+return #old
+"""
+
+_BATCH = 1000  # feed entries per catch-up call (Lua's unpack() limit is ~8000)
+
+
+@dataclass
+class _Cursor:
+    epoch: str = ""
+    version: int = 0
+    feed_id: str = "0-0"
+    swept: float = 0.0
+
+
+class RedisIndex(BlockIndex):
+    """``BlockIndex`` shared through Redis by any number of processes (see module docstring).
+
+    Not thread-safe, like every backend (``Matcher`` serializes calls).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        hasher: BlockHasher,
+        *,
+        prefix: str = "kvf",
+        ttl: float | None = None,
+        feed_cap: int = 100_000,
+        store: RedisStore | None = None,
+        socket_timeout: float = 0.5,
+    ) -> None:
+        if ttl is not None and ttl <= 0:
+            raise KvforgeError("ttl must be positive (or None for no expiry)")
+        self.store = store or RedisStore(url, prefix=prefix, socket_timeout=socket_timeout)
+        self.hasher = hasher
+        self.block_size = hasher.block_size
+        self.ttl_ms = int(ttl * 1000) if ttl else 0
+        self.feed_cap = feed_cap
+        self.replica = MemoryIndex(hasher.block_size)
+        self._cursors: dict[str, _Cursor] = {}
+        r = self.store.client
+        self._write = r.register_script(_WRITE)
+        self._catch_up = r.register_script(_CATCH_UP)
+        self._sweep = r.register_script(_SWEEP)
+        self.resyncs = 0
+        self.applied = 0  # owner records applied from other processes' writes
+        self.degraded_lookups = 0
+        self._check_config()
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        """Replicas must hash alike, or their records would index different chains."""
+        h = self.hasher
+        seed = hashlib.sha256(h.seed.encode()).hexdigest()[:16]  # the seed itself stays local
+        mine = f"block_size={h.block_size} algo={h.algo} seed-sha256={seed}"
+        key = self.store.key("config")
+
+        def check() -> Any:
+            self.store.client.set(key, mine, nx=True)
+            return self.store.client.get(key)
+
+        try:
+            theirs = self.store.call(check)
+        except BackendUnavailableError:
+            log.warning("Redis unreachable at start; configuration check deferred")
+            return
+        if theirs is not None and theirs.decode() != mine:
+            raise KvforgeError(
+                f"this process hashes with {mine} but the index in Redis "
+                f"({self.store.key('')}*) was built with {theirs.decode()}; use another prefix"
+            )
+
+    def _keys(self, tenant: str) -> list[str]:
+        k = self.store.tenant_key
+        return [k(tenant, "meta"), k(tenant, "owners"), k(tenant, "feed"), k(tenant, "seen")]
+
+    # ---- records -------------------------------------------------------------------------
+    @staticmethod
+    def _encode(seq: BlockSequence, info: OwnerInfo) -> bytes:
+        return _ENCODER.encode(_Record(info.owner, info.num_tokens, info.cache_salt,
+                                       info.lora_name, seq.namespace,
+                                       seq.tokens.astype("<u4").tobytes()))  # fmt: skip
+
+    def _decode(self, raw: bytes) -> tuple[BlockSequence, OwnerInfo]:
+        rec = _DECODER.decode(raw)
+        tokens = np.frombuffer(rec.tokens, dtype="<u4").tolist()
+        salt, lora_name, lora_path = rec.namespace
+        lora = LoRA(lora_name, lora_path) if lora_name else None
+        seq = BlockSequence(self.hasher, tokens, cache_salt=salt or None, lora=lora)
+        info = OwnerInfo(rec.owner, rec.num_tokens, seq.num_blocks, rec.cache_salt,
+                         rec.lora_name)  # fmt: skip
+        return seq, info
+
+    def _apply(self, tenant: str, owner: str, raw: bytes | None) -> None:
+        """Make the replica's view of ``owner`` equal the record (None: removed)."""
+        if raw is None:
+            self.replica.remove(tenant, owner)
+            return
+        try:
+            seq, info = self._decode(raw)
+            self.replica.put(tenant, owner, seq, info)
+        except (msgspec.DecodeError, KvforgeError, ValueError) as exc:
+            # a record this replica cannot use must not stop it from following the feed
+            log.error("skipping the record of %r in tenant %r: %s", owner, tenant, exc)
+            self.replica.remove(tenant, owner)
+        self.applied += 1
+
+    # ---- following the feed --------------------------------------------------------------
+    def _catch_up_args(self, tenant: str) -> tuple[list[str], list[Any]]:
+        c = self._cursors.setdefault(tenant, _Cursor())
+        return self._keys(tenant)[:3], [c.epoch, c.version, c.feed_id, _BATCH]
+
+    def _absorb(self, tenant: str, reply: list[Any]) -> bool:
+        """Apply one catch-up reply; False when the replica must rebuild the tenant."""
+        c = self._cursors[tenant]
+        epoch = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if len(reply) == 2:
+            return True
+        if len(reply) == 3:
+            return False
+        _, _, feed_id, owners, records, version = reply
+        for o, raw in zip(owners, records, strict=True):
+            self._apply(tenant, o.decode(), raw)
+        c.epoch, c.version, c.feed_id = epoch, int(version), feed_id.decode()
+        return True
+
+    def sync(self, tenant: str) -> None:
+        """Bring the replica of ``tenant`` up to date (raises BackendUnavailableError)."""
+        self._maybe_sweep(tenant)
+        while True:
+            keys, args = self._catch_up_args(tenant)
+            reply = self.store.call(self._catch_up, keys=keys, args=args)
+            if not self._absorb(tenant, reply):
+                self._rebuild(tenant)
+                return
+            if self._cursors[tenant].version >= int(reply[1]):
+                return
+
+    def _maybe_sweep(self, tenant: str) -> None:
+        if not self.ttl_ms:
+            return
+        c = self._cursors.setdefault(tenant, _Cursor())
+        now = time.monotonic()
+        if now - c.swept < max(1.0, self.ttl_ms / 10_000):
+            return
+        c.swept = now
+        self.store.call(self._sweep, keys=self._keys(tenant),
+                        args=[self.ttl_ms, self.feed_cap, _BATCH])  # fmt: skip
+
+    def _rebuild(self, tenant: str, skip: str | None = None) -> None:
+        """Replace the replica of ``tenant`` by the hash's content, then follow the feed from
+        the version read in the same transaction as the feed's last id."""
+        meta, owners, feed, _ = self._keys(tenant)
+        r = self.store.client
+
+        def head() -> Any:
+            with r.pipeline(transaction=True) as p:
+                p.hmget(meta, "epoch", "ver")
+                p.xrevrange(feed, count=1)
+                return p.execute()
+
+        (epoch, ver), last = self.store.call(head)
+        records: list[tuple[bytes, bytes]] = []
+        cursor = 0
+        while True:
+            cursor, chunk = self.store.call(r.hscan, owners, cursor, count=500)
+            records += chunk.items()
+            if cursor == 0:
+                break
+        self.replica.drop_tenant(tenant)
+        for o, raw in sorted(records):
+            if o.decode() != skip:
+                self._apply(tenant, o.decode(), raw)
+        c = self._cursors.setdefault(tenant, _Cursor())
+        c.epoch = epoch.decode() if epoch else ""
+        c.version = int(ver or 0)
+        c.feed_id = last[0][0].decode() if last else "0-0"
+        self.resyncs += 1
+
+    def _tenants(self) -> list[str]:
+        raw = self.store.call(self.store.client.smembers, self.store.key("tenants"))
+        return sorted(t.decode() for t in raw)
+
+    def sync_all(self) -> None:
+        for t in self._tenants():
+            self.sync(t)
+
+    # ---- writes --------------------------------------------------------------------------
+    def _write_op(self, tenant: str, owner: str, record: bytes) -> tuple[list[Any], list[Any]]:
+        """One MULTI: catch up, then write. Returns (catch-up reply, write reply)."""
+        keys, args = self._catch_up_args(tenant)
+        r = self.store.client
+
+        def run() -> Any:
+            with r.pipeline(transaction=True) as p:
+                self._catch_up(keys=keys, args=args, client=p)
+                self._write(keys=self._keys(tenant),
+                            args=[owner, record, self.feed_cap, self.ttl_ms], client=p)  # fmt: skip
+                p.sadd(self.store.key("tenants"), tenant)
+                return p.execute()
+
+        caught, written, _ = self.store.call(run)
+        return caught, written
+
+    def _advance(self, tenant: str, caught: list[Any], written: list[Any], owner: str) -> None:
+        """Absorb the catch-up part of a write, so the replica holds the state the write was
+        applied to (other owners exactly; the writer's own record is replaced next anyway)."""
+        if not self._absorb(tenant, caught):
+            self._rebuild(tenant, skip=owner)
+        elif self._cursors[tenant].version < int(caught[1]):
+            self.sync(tenant)  # more than one batch behind (rare): follow the feed
+
+    def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
+        self.replica.validate(tenant, seq)  # raises before Redis is touched
+        caught, written = self._write_op(tenant, owner, self._encode(seq, info))
+        self._advance(tenant, caught, written, owner)
+        result = self.replica.put(tenant, owner, seq, info)
+        self._wrote(tenant, written)
+        return result
+
+    def _wrote(self, tenant: str, written: list[Any]) -> None:
+        """The replica now reflects our own write: skip its feed entry."""
+        c = self._cursors[tenant]
+        if int(written[0]) == c.version + 1:
+            c.version, c.feed_id = int(written[0]), written[2].decode()
+            c.epoch = written[1].decode()  # a tenant's first write creates its epoch
+
+    def remove(self, tenant: str, owner: str) -> int:
+        caught, written = self._write_op(tenant, owner, b"")
+        self._advance(tenant, caught, written, owner)
+        self.replica.remove(tenant, owner)
+        if int(written[0]):
+            self._wrote(tenant, written)
+        old = written[3]
+        if not old:
+            return 0
+        return len(_DECODER.decode(old).tokens) // (4 * self.block_size)
+
+    # ---- reads ---------------------------------------------------------------------------
+    def lookup(
+        self,
+        tenant: str,
+        seq: BlockSequence,
+        *,
+        exclude: str | None = None,
+        near_radius: int = 0,
+        spans: bool = False,
+    ) -> LookupResult:
+        try:
+            self.sync(tenant)
+        except BackendUnavailableError:
+            # fail open: a stale replica could claim blocks another process cleared
+            self.degraded_lookups += 1
+            return LookupResult(0, {}, [], degraded=True)
+        return self.replica.lookup(tenant, seq, exclude=exclude, near_radius=near_radius,
+                                   spans=spans)  # fmt: skip
+
+    # The three below explain a lookup just made (under the matcher's lock): no round trip.
+    def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:
+        return self.replica.owner_block_tokens(tenant, owner, block)
+
+    def closest_owner(
+        self, tenant: str, first_block: np.ndarray, *, exclude: str | None = None
+    ) -> str | None:
+        return self.replica.closest_owner(tenant, first_block, exclude=exclude)
+
+    def owner_info(self, tenant: str, owner: str) -> OwnerInfo | None:
+        return self.replica.owner_info(tenant, owner)
+
+    def owners(self, tenant: str) -> list[str]:
+        try:
+            self.sync(tenant)
+        except BackendUnavailableError:
+            return []
+        return self.replica.owners(tenant)
+
+    def num_blocks(self) -> int:
+        with contextlib.suppress(BackendUnavailableError):  # report what this replica knows
+            self.sync_all()
+        return self.replica.num_blocks()
+
+    def stats(self) -> IndexStats:
+        with contextlib.suppress(BackendUnavailableError):
+            self.sync_all()
+        return self.replica.stats()
+
+    def export(self) -> Iterator[OwnerRecord]:
+        self.sync_all()  # an export must be complete: raise rather than export a stale view
+        return self.replica.export()
+
+    def health(self) -> dict[str, Any]:
+        return {**self.store.health(), "resyncs": self.resyncs, "applied": self.applied,
+                "degraded_lookups": self.degraded_lookups}  # fmt: skip
