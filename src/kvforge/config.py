@@ -16,6 +16,7 @@ engines come from the file only. Every error names the field::
     port = 8000
     # api_token_env = "KVFORGE_API_TOKEN"   # name of the variable holding the bearer token
     max_body_bytes = 8388608
+    # index_url = "redis://redis:6379/0?prefix=kvf&ttl=86400"   # shared by router replicas
     # snapshot_path = "/var/lib/kvforge/index.snapshot"   # restored on start
     snapshot_interval = 30.0
 
@@ -61,6 +62,9 @@ class ServiceSection:
     port: int = 8000
     api_token_env: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    # memory:// (embedded, the default) or redis://host:port/db?prefix=kvf&ttl=seconds: the
+    # block index and the engine residency shared by every replica on that Redis
+    index_url: str = "memory://"
     snapshot_path: str | None = None  # embedded index persistence (restored on start)
     snapshot_interval: float = 30.0
 
@@ -148,6 +152,16 @@ def load_config(
         _apply(getattr(cfg, name), name, {k: v for k, v in values.items() if v is not None},
                "command line")  # fmt: skip
     cfg.engines = [_engine(i, e) for i, e in enumerate(raw.get("engines", []))]
+    url = cfg.service.index_url
+    if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+        raise InvalidInputError(
+            f"config: [service].index_url must be memory:// or redis://… (got {url!r})"
+        )
+    if cfg.service.snapshot_path and not url.startswith("memory://"):
+        raise InvalidInputError(
+            "config: [service].snapshot_path persists the embedded index; with a Redis "
+            "index_url, Redis itself persists the shared state (configure its AOF/RDB)"
+        )
     return cfg
 
 

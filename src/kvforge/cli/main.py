@@ -353,6 +353,14 @@ def serve_cmd(
     ] = None,
     hash_seed: HashSeedOpt = None,
     tokenizer: TokenizerOpt = None,
+    index_url: Annotated[
+        str | None,
+        typer.Option(
+            "--index-url",
+            help="memory:// (default) or redis://host:port/db?prefix=kvf&ttl=SECONDS: "
+            "state shared by every replica on that Redis.",
+        ),
+    ] = None,
     api_token_env: Annotated[
         str | None,
         typer.Option(
@@ -373,13 +381,15 @@ def serve_cmd(
     from kvforge.config import load_config
     from kvforge.match import SyncMatcher
     from kvforge.route import Router
+    from kvforge.route.shared import open_residency
     from kvforge.serve import create_app
 
     try:
         cfg = load_config(
             config,
             overrides={
-                "service": {"host": host, "port": port, "api_token_env": api_token_env},
+                "service": {"host": host, "port": port, "api_token_env": api_token_env,
+                            "index_url": index_url},
                 "matcher": {"block_size": block_size, "hash_algo": algo, "hash_seed": hash_seed,
                             "tokenizer": tokenizer},
             },
@@ -394,9 +404,12 @@ def serve_cmd(
             block_size=mc.block_size, hash_algo=mc.hash_algo, hash_seed=mc.hash_seed,
             tokenizer=mc.tokenizer, near_radius=mc.near_radius,
             max_prompt_chars=mc.max_prompt_chars, max_prompt_tokens=mc.max_prompt_tokens,
+            index=sc.index_url,
         )  # fmt: skip
         router = (
-            Router(cfg.engines, tokenizer=matcher.tokenizer, prefill_weight=rc.prefill_weight,
+            Router(cfg.engines, residency=open_residency(sc.index_url),
+                   tokenizer=matcher.tokenizer,
+                   prefill_weight=rc.prefill_weight,
                    load_weight=rc.load_weight, balance_rel=rc.balance_rel,
                    balance_abs=rc.balance_abs, speculative_ttl=rc.speculative_ttl,
                    stale_after=rc.stale_after)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,6 +26,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field, model_validator
 
 from kvforge.errors import InvalidInputError, KvforgeError
@@ -34,6 +36,7 @@ from kvforge.match import SyncMatcher
 from kvforge.persist import Snapshotter
 from kvforge.route import Router
 from kvforge.serve.proxy import add_proxy
+from kvforge.store import BackendUnavailableError
 
 TENANT_HEADER = "X-Tenant"
 
@@ -99,6 +102,34 @@ class _Metrics:
                                registry=self.registry)  # fmt: skip
 
 
+class _BackendCollector(Collector):
+    """Failure counters of the shared backend (Redis), read from the objects that keep them."""
+
+    def __init__(self, matcher: SyncMatcher, router: Router | None) -> None:
+        self.matcher, self.router = matcher, router
+
+    def collect(self) -> Iterator[Metric]:
+        index = self.matcher.index.health()
+        fail = CounterMetricFamily(
+            "kvforge_backend_failures", "Calls to the shared backend that failed (failed open)",
+            labels=["part"],
+        )  # fmt: skip
+        fail.add_metric(["index"], float(index.get("failures", 0)))
+        up = GaugeMetricFamily("kvforge_backend_up", "1 when the shared backend is reachable",
+                               labels=["part"])  # fmt: skip
+        up.add_metric(["index"], float(bool(index.get("available", True))))
+        degraded = CounterMetricFamily(
+            "kvforge_degraded_lookups", "Lookups answered 'nothing reusable' (backend down)"
+        )
+        degraded.add_metric([], float(index.get("degraded_lookups", 0)))
+        residency = getattr(self.router.residency, "health", None) if self.router else None
+        if residency is not None:
+            r = residency()
+            fail.add_metric(["residency"], float(r.get("failures", 0)))
+            up.add_metric(["residency"], float(bool(r.get("available", True))))
+        yield from (fail, up, degraded)
+
+
 def create_app(
     matcher: SyncMatcher | None = None,
     *,
@@ -113,6 +144,7 @@ def create_app(
     endpoint (and stops them on shutdown)."""
     m = matcher if matcher is not None else SyncMatcher()
     metrics = _Metrics()
+    metrics.registry.register(_BackendCollector(m, router))
     resources: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -176,6 +208,11 @@ def create_app(
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
+
+    @app.exception_handler(BackendUnavailableError)
+    async def _backend_down(request: Request, exc: BackendUnavailableError) -> JSONResponse:
+        # a write that could not reach the shared index: nothing changed, the caller may retry
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(KvforgeError)
     async def _kvforge_error(request: Request, exc: KvforgeError) -> JSONResponse:

@@ -1,0 +1,303 @@
+"""Engine residency shared through Redis by several router replicas.
+
+The engines' KV events are the truth; Redis holds them as one ordered feed (a stream), so every
+replica applies the same events in the same order to its own ``ResidencyIndex`` and reaches the
+same state, whichever replica received them:
+
+* **one ingester per engine.** Every replica may subscribe to every engine (ZMQ PUB fans out),
+  but only the holder of the engine's lease (``SET NX PX``, renewed while events flow) appends
+  its batches; the others drop them, so no batch is applied twice. When the holder dies, its
+  lease lapses and the next replica to receive an event takes over.
+* **catch-up before reading.** ``walk`` / ``tree_keys`` / ``stats`` first apply the feed entries
+  past the replica's last id: one pipelined round trip (snapshot id + ``XRANGE``).
+* **compaction.** Every ``snapshot_every`` entries one replica (under a lock) stores its
+  reference counts at its last feed id and trims the feed up to that id; a replica that starts,
+  or fell behind the trim, loads the snapshot and replays the rest. The block tree (token ids →
+  hashes, a routing shortcut) is not in the snapshot: a replica rebuilds it from later events
+  and hashes prompts meanwhile.
+* **faults.** When Redis is unreachable, routing fails open (no engine is credited with any
+  prefix, so requests go by load) and appends are buffered (up to ``buffer`` batches; beyond
+  that the engine is marked cleared once Redis returns, since its history was lost).
+
+Speculative entries (a routing decision whose events have not arrived) stay local to the
+replica that made the decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from kvforge.events.schema import KVEventBatch, decode_batch, encode_batch, normalize_hashes
+from kvforge.route.residency import PrefixScore, PrefixWalk, ResidencyIndex
+from kvforge.store.redis import BackendUnavailableError, RedisStore
+
+log = logging.getLogger(__name__)
+
+# KEYS: lease. ARGV: holder id, ttl ms. 1 when the caller holds the lease (now renewed).
+_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class _Snapshot(msgspec.Struct, array_like=True):
+    # engine -> medium -> [(hash, refs), ...]
+    engines: dict[str, dict[str, list[tuple[int, int]]]]
+
+
+def _id_tuple(feed_id: str) -> tuple[int, int]:
+    ms, _, seq = feed_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class SharedResidency(ResidencyIndex):
+    """A ``ResidencyIndex`` whose events go through Redis (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "kvf",
+        tier_weights: dict[str, float] | None = None,
+        lease_ttl: float = 10.0,
+        snapshot_every: int = 50_000,
+        buffer: int = 10_000,
+        store: RedisStore | None = None,
+        socket_timeout: float = 0.5,
+    ) -> None:
+        super().__init__(tier_weights)
+        self.store = store or RedisStore(url, prefix=prefix, socket_timeout=socket_timeout)
+        k = self.store.key
+        self._feed, self._snap, self._snaplock = (
+            k("res", "feed"),
+            k("res", "snap"),
+            k("res", "snaplock"),
+        )
+        self.holder = f"{os.uname().nodename}/{os.getpid()}/{os.urandom(4).hex()}"
+        self.lease_ttl_ms = int(lease_ttl * 1000)
+        self.snapshot_every = snapshot_every
+        self._lease = self.store.client.register_script(_LEASE)
+        self._leases: dict[str, float] = {}  # engine -> monotonic time the lease is safe until
+        self._last_id = "0-0"
+        self._since_snapshot = 0
+        self._pending: deque[tuple[str, str, bytes]] = deque(maxlen=buffer)
+        self._overflowed: set[str] = set()
+        self._sync_lock = threading.Lock()  # one catch-up at a time; readers may share it
+        self._degraded = False
+        self.appended = 0
+        self.standby_dropped = 0  # batches another replica ingests
+        self.degraded_walks = 0
+
+    # ---- ingestion (the subscriber's sink) -------------------------------------------------
+    def apply(self, engine: str, batch: KVEventBatch) -> None:
+        self._append(engine, "b", encode_batch(batch))
+
+    def clear_engine(self, engine: str) -> None:
+        self._append(engine, "c", b"")
+
+    def store(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
+        self._append(engine, "s", msgspec.msgpack.encode((medium, list(hashes))))
+
+    def remove(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
+        self._append(engine, "r", msgspec.msgpack.encode((medium, list(hashes))))
+
+    def _holds_lease(self, engine: str) -> bool:
+        now = time.monotonic()
+        if self._leases.get(engine, 0.0) > now:
+            return True
+        key = self.store.key("res", "lease", engine)
+        if self.store.call(self._lease, keys=[key], args=[self.holder, self.lease_ttl_ms]):
+            self._leases[engine] = now + self.lease_ttl_ms / 3000  # renew at a third
+            return True
+        self._leases.pop(engine, None)
+        return False
+
+    def _append(self, engine: str, kind: str, payload: bytes) -> None:
+        try:
+            if not self._holds_lease(engine):
+                self.standby_dropped += 1
+                return
+            self._flush()
+            self._xadd([(engine, kind, payload)])
+        except BackendUnavailableError:
+            if len(self._pending) == self._pending.maxlen:
+                self._overflowed.add(self._pending[0][0])  # its oldest batch is lost
+            self._pending.append((engine, kind, payload))
+
+    def _flush(self) -> None:
+        """Append what was buffered while Redis was down — only for engines whose lease this
+        replica holds now (another replica's buffer covers the rest)."""
+        if not self._pending and not self._overflowed:
+            return
+        items = [(e, "c", b"") for e in sorted(self._overflowed)] + list(self._pending)
+        mine = {e for e in {i[0] for i in items} if self._holds_lease(e)}
+        self.standby_dropped += sum(1 for i in items if i[0] not in mine)
+        self._xadd([i for i in items if i[0] in mine])
+        self._pending.clear()
+        self._overflowed.clear()
+
+    def _xadd(self, items: list[tuple[str, str, bytes]]) -> None:
+        if not items:
+            return
+
+        def run() -> Any:
+            with self.store.client.pipeline(transaction=False) as p:
+                for engine, kind, payload in items:
+                    p.xadd(self._feed, {"e": engine, "k": kind, "p": payload})
+                return p.execute()
+
+        self.store.call(run)
+        self.appended += len(items)
+
+    # ---- catch-up --------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Apply every feed entry past this replica's position (raises when Redis is down)."""
+        with self._sync_lock:
+            if self._pending or self._overflowed:
+                self._flush()
+            while True:
+
+                def head() -> Any:
+                    with self.store.client.pipeline(transaction=False) as p:
+                        p.hget(self._snap, "id")
+                        p.xrange(self._feed, f"({self._last_id}", "+", count=2000)
+                        return p.execute()
+
+                snap_id, entries = self.store.call(head)
+                if snap_id is not None and _id_tuple(snap_id.decode()) > _id_tuple(self._last_id):
+                    self._load_snapshot()
+                    continue
+                for entry_id, fields in entries:
+                    self._replay(fields)
+                    self._last_id = entry_id.decode()
+                self._since_snapshot += len(entries)
+                if len(entries) < 2000:
+                    break
+            self._degraded = False
+        if self._since_snapshot >= self.snapshot_every:
+            self._maybe_snapshot()
+
+    def _replay(self, fields: dict[bytes, bytes]) -> None:
+        engine, kind, payload = fields[b"e"].decode(), fields[b"k"], fields[b"p"]
+        try:
+            if kind == b"b":
+                super().apply(engine, normalize_hashes(decode_batch(payload)))
+            elif kind == b"c":
+                super().clear_engine(engine)
+            elif kind in (b"s", b"r"):
+                medium, hashes = msgspec.msgpack.decode(payload)
+                (super().store if kind == b"s" else super().remove)(engine, hashes, medium)
+        except Exception:  # one bad entry must not stop the replica from following the feed
+            log.exception("skipping a residency feed entry for engine %r", engine)
+
+    def _load_snapshot(self) -> None:
+        raw = self.store.call(self.store.client.hmget, self._snap, "id", "data")
+        snap_id, data = raw
+        snap = msgspec.msgpack.decode(data, type=_Snapshot)
+        with self._lock:
+            self._engines.clear()
+            self._masks.clear()
+            self._tree.clear()
+            self._tree_key.clear()
+            self._spec_mask.clear()
+            self._spec_queue.clear()
+        for engine, media in snap.engines.items():
+            for medium, pairs in media.items():
+                hashes = [h for h, refs in pairs for _ in range(refs)]
+                super().store(engine, hashes, medium)
+        self._last_id = snap_id.decode()
+        self._since_snapshot = 0
+        log.info("residency restored from the snapshot at %s", self._last_id)
+
+    def _maybe_snapshot(self) -> None:
+        """Store this replica's counts at its feed position and trim the feed before it."""
+        r = self.store.client
+        try:
+            if not self.store.call(r.set, self._snaplock, self.holder, nx=True, px=30_000):
+                self._since_snapshot = 0  # another replica is on it
+                return
+            with self._lock:
+                at = self._last_id
+                snap = _Snapshot({
+                    n: {m: list(c.items()) for m, c in e.counts.items()}
+                    for n, e in self._engines.items()
+                })  # fmt: skip
+            data = msgspec.msgpack.encode(snap)
+
+            def run() -> Any:
+                with r.pipeline(transaction=True) as p:
+                    p.hset(self._snap, mapping={"id": at, "data": data})
+                    p.xtrim(self._feed, minid=at)
+                    p.delete(self._snaplock)
+                    return p.execute()
+
+            self.store.call(run)
+            self._since_snapshot = 0
+        except BackendUnavailableError:
+            pass
+
+    def _try_sync(self) -> bool:
+        try:
+            self.sync()
+            return True
+        except BackendUnavailableError:
+            self._degraded = True
+            self.degraded_walks += 1
+            return False
+
+    # ---- reads -----------------------------------------------------------------------------
+    def walk(self, engines: Sequence[str], *, now: float | None = None) -> PrefixWalk:
+        if not self._try_sync():
+            # fail open: credit no engine with anything, so the router decides by load
+            return _NothingHeld(self, {n: 0 for n in engines})
+        return super().walk(engines, now=now)
+
+    def tree_keys(
+        self, group: Any, block_size: int, root_extra: Any, content_keys: Sequence[int]
+    ) -> list[int]:
+        if self._degraded:
+            return []
+        return super().tree_keys(group, block_size, root_extra, content_keys)
+
+    def stats(self) -> dict[str, object]:
+        self._try_sync()
+        return {**super().stats(), "backend": self.health()}
+
+    def health(self) -> dict[str, Any]:
+        return {**self.store.health(), "appended": self.appended,
+                "standby_dropped": self.standby_dropped, "pending": len(self._pending),
+                "degraded_walks": self.degraded_walks}  # fmt: skip
+
+
+class _NothingHeld(PrefixWalk):
+    """The walk of a replica that cannot reach Redis: every engine holds nothing."""
+
+    def extend(self, keys: Sequence[int]) -> bool:
+        return False
+
+    def result(self) -> dict[str, PrefixScore]:
+        return {n: PrefixScore(0, 0.0) for n in self._bits}
+
+
+def open_residency(url: str | None, tier_weights: dict[str, float] | None = None) -> ResidencyIndex:
+    """``None`` / ``memory://``: this process's own residency. ``redis://…``: shared by every
+    replica on that Redis (the URL's ``prefix`` query parameter namespaces the keys)."""
+    if url is None or url.startswith("memory"):
+        return ResidencyIndex(tier_weights)
+    from kvforge.index.open import split_redis_url
+
+    base, opts = split_redis_url(url)
+    return SharedResidency(base, prefix=str(opts.get("prefix", "kvf")), tier_weights=tier_weights,
+                           socket_timeout=float(opts.get("socket_timeout", 0.5)))  # fmt: skip
