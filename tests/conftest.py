@@ -115,3 +115,14 @@ def index_url(request: pytest.FixtureRequest) -> Callable[[], str]:
         return lambda: "memory://"
     server = request.getfixturevalue("redis_server")
     return lambda: redis_index_url(server.url)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def new_residency(request: pytest.FixtureRequest) -> Callable[[], object]:
+    """Every residency test runs in memory and shared through Redis."""
+    from kvforge.route.shared import open_residency
+
+    if request.param == "memory":
+        return lambda: open_residency(None)
+    server = request.getfixturevalue("redis_server")
+    return lambda: open_residency(redis_index_url(server.url))

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvforge.events import BlockRemoved, BlockStored, decode_batch, encode_batch, to_u64
@@ -88,9 +88,9 @@ def _reference(mode: str, upto: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_real_sockets_drop_and_replay(mode: str) -> None:
+def test_real_sockets_drop_and_replay(mode: str, new_residency) -> None:
     topic = GOLDEN[mode]["topic"]
-    res = ResidencyIndex()
+    res = new_residency()
     ctx = zmq.Context()
     with EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", topic=topic,
                         context=ctx) as pub:  # fmt: skip
@@ -116,8 +116,8 @@ def test_real_sockets_drop_and_replay(mode: str) -> None:
     ctx.term()
 
 
-def test_gap_beyond_the_buffer_resyncs() -> None:
-    res = ResidencyIndex()
+def test_gap_beyond_the_buffer_resyncs(new_residency) -> None:
+    res = new_residency()
     ctx = zmq.Context()
     frames = _frames("int_hash_mode")
     with EventPublisher(
@@ -138,10 +138,12 @@ def test_gap_beyond_the_buffer_resyncs() -> None:
     ctx.term()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
-def test_fuzzed_frames_never_crash(data: st.DataObject) -> None:
-    res = ResidencyIndex()
+def test_fuzzed_frames_never_crash(new_residency, data: st.DataObject) -> None:
+    res = new_residency()
     sub = EventSubscriber("e", "tcp://127.0.0.1:1", res, topic="kv@pod-a@demo-model")
     golden = [f for m in MODES for f in _frames(m)]
     for _ in range(data.draw(st.integers(1, 6))):
@@ -164,8 +166,8 @@ def test_fuzzed_frames_never_crash(data: st.DataObject) -> None:
     res.stats()
 
 
-def test_a_bad_hash_rejects_the_whole_batch() -> None:
-    res = ResidencyIndex()
+def test_a_bad_hash_rejects_the_whole_batch(new_residency) -> None:
+    res = new_residency()
     sub = EventSubscriber("e", "tcp://127.0.0.1:1", res)
     bad = encode_batch(
         msgspec.convert([0.0, [{"type": "BlockStored", "block_hashes": [5, b""]}], 0],
@@ -175,8 +177,8 @@ def test_a_bad_hash_rejects_the_whole_batch() -> None:
     assert sub.stats.malformed == 1 and res.stats()["engines"] == {}
 
 
-def test_restart_after_a_first_contact_replay_is_not_taken_for_a_duplicate() -> None:
-    res = ResidencyIndex()
+def test_restart_after_a_first_contact_replay_is_not_taken_for_a_duplicate(new_residency) -> None:
+    res = new_residency()
     ctx = zmq.Context()
     frames = _frames("int_hash_mode")
     topic = GOLDEN["int_hash_mode"]["topic"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvforge import InvalidInputError
 from kvforge.blocks import BlockHasher, LoRA, chain_keys
 from kvforge.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from kvforge.route import EngineConfig, ResidencyIndex, Router
+from kvforge.route import EngineConfig, Router
 
 ENGINES = ["e0", "e1", "e2"]
 MEDIA = ["GPU", "CPU"]
@@ -23,10 +23,12 @@ ops = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(ops, max_size=40), st.lists(st.lists(st.integers(0, 12), max_size=8), max_size=5))
-def test_residency_matches_reference(seq_ops, queries) -> None:
-    res = ResidencyIndex()
+def test_residency_matches_reference(new_residency, seq_ops, queries) -> None:
+    res = new_residency()
     ref: dict[tuple[str, str], Counter[int]] = {(e, m): Counter() for e in ENGINES for m in MEDIA}
     for op, eng, medium, hs in seq_ops:
         if op == "store":
@@ -62,8 +64,10 @@ def _keys(tokens, **kw) -> list[int]:
 PROMPT = list(range(1000, 1000 + 16 * 40))
 
 
-def test_longest_prefix_wins_and_tiers_weigh() -> None:
-    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=0)
+def test_longest_prefix_wins_and_tiers_weigh(new_residency) -> None:
+    r = Router(
+        residency=new_residency(), engines=[EngineConfig(e) for e in ENGINES], speculative_ttl=0
+    )
     r.residency.store("e1", _keys(PROMPT)[:30])
     r.residency.store("e2", _keys(PROMPT)[:20])
     d = r.route_tokens(PROMPT)
@@ -73,16 +77,21 @@ def test_longest_prefix_wins_and_tiers_weigh() -> None:
     assert d.engine == "e2" and d.scores["e2"] == pytest.approx(20 + 16 * 0.8)
 
 
-def test_load_trades_off_against_cached_blocks() -> None:
-    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=0, load_weight=1.0)
+def test_load_trades_off_against_cached_blocks(new_residency) -> None:
+    r = Router(
+        residency=new_residency(),
+        engines=[EngineConfig(e) for e in ENGINES],
+        speculative_ttl=0,
+        load_weight=1.0,
+    )
     r.residency.store("e1", _keys(PROMPT)[:30])
     assert r.route_tokens(PROMPT, loads={"e1": 20}).engine == "e1"  # 10 uncached + 20 < 40
     assert r.route_tokens(PROMPT, loads={"e1": 35}).engine != "e1"  # 10 + 35 > 40
 
 
-def test_balance_guard_skips_a_hot_replica() -> None:
-    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=0, load_weight=0.0,
-               balance_rel=1.5, balance_abs=100)  # fmt: skip
+def test_balance_guard_skips_a_hot_replica(new_residency) -> None:
+    r = Router(residency=new_residency(), engines=[EngineConfig(e) for e in ENGINES],
+               speculative_ttl=0, load_weight=0.0, balance_rel=1.5, balance_abs=100)  # fmt: skip
     r.residency.store("e1", _keys(PROMPT))
     assert r.route_tokens(PROMPT, loads={"e1": 150, "e0": 0, "e2": 0}).engine == "e1"  # ≤ 175
     d = r.route_tokens(PROMPT, loads={"e1": 500, "e0": 0, "e2": 0})  # limit 1.5*166+100=350
@@ -91,9 +100,11 @@ def test_balance_guard_skips_a_hot_replica() -> None:
     assert r.route_tokens(PROMPT, loads={"e1": 500}, engines=["e1"]).engine == "e1"
 
 
-def test_route_decision_matches_a_direct_computation() -> None:
+def test_route_decision_matches_a_direct_computation(new_residency) -> None:
     """Scores equal the leading blocks each engine holds, computed without the router."""
-    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=0)
+    r = Router(
+        residency=new_residency(), engines=[EngineConfig(e) for e in ENGINES], speculative_ttl=0
+    )
     keys = _keys(PROMPT)
     held = {"e0": 3, "e1": 17, "e2": 40}
     for e, n in held.items():
@@ -104,8 +115,10 @@ def test_route_decision_matches_a_direct_computation() -> None:
     assert d.engine == "e1"
 
 
-def test_cold_siblings_land_together_until_the_speculation_expires() -> None:
-    r = Router([EngineConfig(e) for e in ENGINES], speculative_ttl=2.0)
+def test_cold_siblings_land_together_until_the_speculation_expires(new_residency) -> None:
+    r = Router(
+        residency=new_residency(), engines=[EngineConfig(e) for e in ENGINES], speculative_ttl=2.0
+    )
     first = r.route_tokens(PROMPT, now=100.0)
     assert first.cached_blocks == 0
     sibling = r.route_tokens([*PROMPT, 1, 2, 3], now=100.5)
@@ -114,9 +127,9 @@ def test_cold_siblings_land_together_until_the_speculation_expires() -> None:
     assert later.cached_blocks == 0
 
 
-def test_salts_and_loras_are_part_of_the_key() -> None:
+def test_salts_and_loras_are_part_of_the_key(new_residency) -> None:
     cfgs = [EngineConfig("e0"), EngineConfig("e1", loras={"sql": "/adapters/sql"})]
-    r = Router(cfgs, speculative_ttl=0)
+    r = Router(residency=new_residency(), engines=cfgs, speculative_ttl=0)
     r.residency.store("e0", _keys(PROMPT, cache_salt="tenant-a"))
     assert r.route_tokens(PROMPT, cache_salt="tenant-a").cached_blocks == 40
     assert r.route_tokens(PROMPT, cache_salt="tenant-b").cached_blocks == 0
@@ -128,10 +141,10 @@ def test_salts_and_loras_are_part_of_the_key() -> None:
         r.route_tokens(PROMPT, lora="unknown")
 
 
-def test_engines_with_other_hash_configs() -> None:
+def test_engines_with_other_hash_configs(new_residency) -> None:
     cfgs = [EngineConfig("a", hash_algo="xxhash", hash_seed="0"),
             EngineConfig("b", block_size=32)]  # fmt: skip
-    r = Router(cfgs, speculative_ttl=0)
+    r = Router(residency=new_residency(), engines=cfgs, speculative_ttl=0)
     r.residency.store(
         "a", chain_keys(BlockHasher("xxhash", hash_seed="0").chain(PROMPT)[:10]).tolist()
     )
@@ -143,8 +156,8 @@ def test_engines_with_other_hash_configs() -> None:
         Router([EngineConfig("x"), EngineConfig("x")])
 
 
-def test_route_text_and_chat(tmp_path) -> None:
-    r = Router([EngineConfig(e) for e in ENGINES])
+def test_route_text_and_chat(tmp_path, new_residency) -> None:
+    r = Router(residency=new_residency(), engines=[EngineConfig(e) for e in ENGINES])
     d1 = r.route([{"role": "system", "content": "You are a planner. " * 50},
                   {"role": "user", "content": "go"}])  # fmt: skip
     d2 = r.route([{"role": "system", "content": "You are a planner. " * 50},
@@ -152,7 +165,9 @@ def test_route_text_and_chat(tmp_path) -> None:
     assert d2.engine == d1.engine and d2.cached_blocks > 0
 
 
-def test_block_tree_from_golden_events_gives_the_engines_hashes_without_hashing() -> None:
+def test_block_tree_from_golden_events_gives_the_engines_hashes_without_hashing(
+    new_residency,
+) -> None:
     import json
     from pathlib import Path
 
@@ -160,7 +175,7 @@ def test_block_tree_from_golden_events_gives_the_engines_hashes_without_hashing(
 
     golden = json.loads((Path(__file__).parent / "data" / "vllm_kv_events.json").read_text())
     cfg = EngineConfig("pod-a", loras={"agent-lora": "/adapters/agent-lora"})
-    r = Router([cfg, EngineConfig("pod-b")], speculative_ttl=0)
+    r = Router(residency=new_residency(), engines=[cfg, EngineConfig("pod-b")], speculative_ttl=0)
     for msg in golden["int_hash_mode"]["messages"][:5]:
         batch = normalize_hashes(decode_batch(bytes.fromhex(msg["frames_hex"][2])))
         r.residency.apply("pod-a", batch)
@@ -182,11 +197,17 @@ def test_block_tree_from_golden_events_gives_the_engines_hashes_without_hashing(
     held = r.residency.tree_keys(group, 16, None, plain.content_keys)
     assert held == chain_keys(BlockHasher().chain(range(32))).tolist()
     r.residency.apply("pod-a", KVEventBatch(0.0, [AllBlocksCleared()]))
+    r.residency.refresh()  # a direct read (not through the router): catch up first
     assert r.residency.tree_keys(group, 16, None, plain.content_keys) == []  # pruned
 
 
-def test_an_engine_whose_events_stop_goes_stale_and_recovers() -> None:
-    r = Router([EngineConfig("e0"), EngineConfig("e1")], speculative_ttl=0, stale_after=5.0)
+def test_an_engine_whose_events_stop_goes_stale_and_recovers(new_residency) -> None:
+    r = Router(
+        residency=new_residency(),
+        engines=[EngineConfig("e0"), EngineConfig("e1")],
+        speculative_ttl=0,
+        stale_after=5.0,
+    )
     first = r.route_tokens(PROMPT, now=100.0).engine  # new blocks: an event is now expected
     assert r.stale_engines(now=104.0) == []
     assert r.stale_engines(now=106.0) == [first]  # nothing arrived within 5 s
@@ -196,6 +217,8 @@ def test_an_engine_whose_events_stop_goes_stale_and_recovers() -> None:
     r.residency.apply(first, KVEventBatch(0.0, [ev]))  # events resume
     assert r.stale_engines(now=107.0) == []  # the other engine's wait has just begun
     # only stale engines left: they still get traffic
-    only = Router([EngineConfig("e0")], speculative_ttl=0, stale_after=1.0)
+    only = Router(
+        residency=new_residency(), engines=[EngineConfig("e0")], speculative_ttl=0, stale_after=1.0
+    )
     only.route_tokens(PROMPT, now=0.0)
     assert only.route_tokens(PROMPT, now=10.0).engine == "e0"

@@ -244,11 +244,17 @@ class ResidencyIndex:
                         self._spec_mask.pop(h, None)
 
     # ---- lookup ----------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Bring this view up to date before a read (a no-op here: events apply directly; a
+        shared residency catches up with the other replicas). False when it could not."""
+        return True
+
     def prefix_scores(
         self, keys: Sequence[int], engines: Sequence[str], *, now: float | None = None
     ) -> dict[str, PrefixScore]:
         """Per engine, the leading ``keys`` it holds (any tier) and their tier-weighted score.
         Stops at the first block no listed engine holds: O(matched blocks)."""
+        self.refresh()
         walk = self.walk(engines, now=now)
         walk.extend(keys)
         return walk.result()

@@ -245,6 +245,7 @@ class Router:
             if not candidates:
                 raise InvalidInputError(f"no engine serves LoRA {lora!r}")
         now = time.monotonic() if now is None else now
+        self.residency.refresh()  # shared residency: catch up with the other replicas once
         toks = tuple(token_ids)
         scores: dict[str, float] = {}
         held: dict[str, int] = {}
@@ -335,6 +336,7 @@ class Router:
     def stale_engines(self, now: float | None = None) -> list[str]:
         """Engines currently skipped because their KV events stopped."""
         now = time.monotonic() if now is None else now
+        self.residency.refresh()
         return [e for e in self.engines if self._stale(e, now)]
 
     def _group(self, engine: str) -> Any:

@@ -78,8 +78,8 @@ class SharedResidency(ResidencyIndex):
         socket_timeout: float = 0.5,
     ) -> None:
         super().__init__(tier_weights)
-        self.store = store or RedisStore(url, prefix=prefix, socket_timeout=socket_timeout)
-        k = self.store.key
+        self.redis = store or RedisStore(url, prefix=prefix, socket_timeout=socket_timeout)
+        k = self.redis.key
         self._feed, self._snap, self._snaplock = (
             k("res", "feed"),
             k("res", "snap"),
@@ -88,7 +88,7 @@ class SharedResidency(ResidencyIndex):
         self.holder = f"{os.uname().nodename}/{os.getpid()}/{os.urandom(4).hex()}"
         self.lease_ttl_ms = int(lease_ttl * 1000)
         self.snapshot_every = snapshot_every
-        self._lease = self.store.client.register_script(_LEASE)
+        self._lease = self.redis.client.register_script(_LEASE)
         self._leases: dict[str, float] = {}  # engine -> monotonic time the lease is safe until
         self._last_id = "0-0"
         self._since_snapshot = 0
@@ -117,8 +117,8 @@ class SharedResidency(ResidencyIndex):
         now = time.monotonic()
         if self._leases.get(engine, 0.0) > now:
             return True
-        key = self.store.key("res", "lease", engine)
-        if self.store.call(self._lease, keys=[key], args=[self.holder, self.lease_ttl_ms]):
+        key = self.redis.key("res", "lease", engine)
+        if self.redis.call(self._lease, keys=[key], args=[self.holder, self.lease_ttl_ms]):
             self._leases[engine] = now + self.lease_ttl_ms / 3000  # renew at a third
             return True
         self._leases.pop(engine, None)
@@ -153,12 +153,12 @@ class SharedResidency(ResidencyIndex):
             return
 
         def run() -> Any:
-            with self.store.client.pipeline(transaction=False) as p:
+            with self.redis.client.pipeline(transaction=False) as p:
                 for engine, kind, payload in items:
                     p.xadd(self._feed, {"e": engine, "k": kind, "p": payload})
                 return p.execute()
 
-        self.store.call(run)
+        self.redis.call(run)
         self.appended += len(items)
 
     # ---- catch-up --------------------------------------------------------------------------
@@ -170,12 +170,12 @@ class SharedResidency(ResidencyIndex):
             while True:
 
                 def head() -> Any:
-                    with self.store.client.pipeline(transaction=False) as p:
+                    with self.redis.client.pipeline(transaction=False) as p:
                         p.hget(self._snap, "id")
                         p.xrange(self._feed, f"({self._last_id}", "+", count=2000)
                         return p.execute()
 
-                snap_id, entries = self.store.call(head)
+                snap_id, entries = self.redis.call(head)
                 if snap_id is not None and _id_tuple(snap_id.decode()) > _id_tuple(self._last_id):
                     self._load_snapshot()
                     continue
@@ -203,7 +203,7 @@ class SharedResidency(ResidencyIndex):
             log.exception("skipping a residency feed entry for engine %r", engine)
 
     def _load_snapshot(self) -> None:
-        raw = self.store.call(self.store.client.hmget, self._snap, "id", "data")
+        raw = self.redis.call(self.redis.client.hmget, self._snap, "id", "data")
         snap_id, data = raw
         snap = msgspec.msgpack.decode(data, type=_Snapshot)
         with self._lock:
@@ -223,9 +223,9 @@ class SharedResidency(ResidencyIndex):
 
     def _maybe_snapshot(self) -> None:
         """Store this replica's counts at its feed position and trim the feed before it."""
-        r = self.store.client
+        r = self.redis.client
         try:
-            if not self.store.call(r.set, self._snaplock, self.holder, nx=True, px=30_000):
+            if not self.redis.call(r.set, self._snaplock, self.holder, nx=True, px=30_000):
                 self._since_snapshot = 0  # another replica is on it
                 return
             with self._lock:
@@ -243,12 +243,15 @@ class SharedResidency(ResidencyIndex):
                     p.delete(self._snaplock)
                     return p.execute()
 
-            self.store.call(run)
+            self.redis.call(run)
             self._since_snapshot = 0
         except BackendUnavailableError:
             pass
 
-    def _try_sync(self) -> bool:
+    # ---- reads -----------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Catch up with the feed (one round trip when nothing is new). On failure the replica
+        is degraded until the next successful refresh: reads credit no engine with anything."""
         try:
             self.sync()
             return True
@@ -257,9 +260,8 @@ class SharedResidency(ResidencyIndex):
             self.degraded_walks += 1
             return False
 
-    # ---- reads -----------------------------------------------------------------------------
     def walk(self, engines: Sequence[str], *, now: float | None = None) -> PrefixWalk:
-        if not self._try_sync():
+        if self._degraded:
             # fail open: credit no engine with anything, so the router decides by load
             return _NothingHeld(self, {n: 0 for n in engines})
         return super().walk(engines, now=now)
@@ -272,11 +274,11 @@ class SharedResidency(ResidencyIndex):
         return super().tree_keys(group, block_size, root_extra, content_keys)
 
     def stats(self) -> dict[str, object]:
-        self._try_sync()
+        self.refresh()
         return {**super().stats(), "backend": self.health()}
 
     def health(self) -> dict[str, Any]:
-        return {**self.store.health(), "appended": self.appended,
+        return {**self.redis.health(), "appended": self.appended,
                 "standby_dropped": self.standby_dropped, "pending": len(self._pending),
                 "degraded_walks": self.degraded_walks}  # fmt: skip
 
