@@ -1,0 +1,255 @@
+"""The Redis backend beyond the shared index suite: several processes, faults, TTL, feed
+compaction, leases, key layout. Every test talks to a real redis-server."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from conftest import RedisServer, free_port, redis_index_url
+
+from kvforge import SyncMatcher
+from kvforge.errors import KvforgeError
+from kvforge.events import BlockStored, KVEventBatch
+from kvforge.events.publisher import EventPublisher
+from kvforge.route import EngineConfig, Router
+from kvforge.route.shared import SharedResidency, open_residency
+from kvforge.store import BackendUnavailableError
+
+BS = 16
+SYSTEM = list(range(1000, 1000 + 4 * BS))  # 4 blocks every agent shares
+PROMPT = SYSTEM + list(range(5000, 5000 + 4 * BS))
+
+
+def _keys(tokens: list[int]) -> list[int]:
+    from kvforge.blocks import BlockHasher, chain_keys
+
+    return chain_keys(BlockHasher().chain(tokens)).tolist()
+
+
+# ---- several processes, one truth -----------------------------------------------------------
+def _serve(cfg: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvforge.cli.main", "serve", "--config", str(cfg),
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "exited")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("service did not start")
+
+
+def test_two_processes_see_each_others_indexing_clearing_and_kv_events(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    index_url = redis_index_url(redis_server.url)
+    with EventPublisher("tcp://127.0.0.1:*") as pub:
+        # only process A subscribes to the engine's events; B learns them through Redis
+        a_cfg, b_cfg = tmp_path / "a.toml", tmp_path / "b.toml"
+        service = f'[service]\nindex_url = "{index_url}"\n'
+        a_cfg.write_text(service + f'[[engines]]\nname = "e0"\nevents = "{pub.endpoint}"\n'
+                         '[[engines]]\nname = "e1"\n')  # fmt: skip
+        b_cfg.write_text(service + '[[engines]]\nname = "e0"\n[[engines]]\nname = "e1"\n')
+        (a, a_url), (b, b_url) = _serve(a_cfg), _serve(b_cfg)
+        try:
+            h = {"X-Tenant": "acme"}
+            r = httpx.post(a_url + "/v1/index", json={"agent_id": "planner", "token_ids": PROMPT},
+                           headers=h, timeout=30)  # fmt: skip
+            assert r.status_code == 200, r.text
+            seen = httpx.post(b_url + "/v1/match", json={"token_ids": SYSTEM + [7] * 40},
+                              headers=h, timeout=30).json()  # fmt: skip
+            assert seen["prefix_blocks_by_owner"] == {"planner": 4}
+            assert httpx.get(b_url + "/v1/agents", headers=h).json() == {"agents": ["planner"]}
+            # B clears; A no longer claims anything
+            assert httpx.delete(b_url + "/v1/agents/planner", headers=h).json() == {
+                "removed_blocks": 8
+            }
+            gone = httpx.post(a_url + "/v1/match", json={"token_ids": PROMPT}, headers=h).json()
+            assert gone["prefix_blocks_by_owner"] == {} and gone["degraded"] is False
+            # the engine publishes; A ingests; B routes to the engine that holds the prefix
+            deadline = time.monotonic() + 20
+            body = {"token_ids": PROMPT, "loads": {"e0": 5, "e1": 0}}
+            while True:
+                pub.publish([BlockStored(block_hashes=_keys(PROMPT), medium="GPU")])
+                d = httpx.post(b_url + "/v1/route", json=body, timeout=10).json()
+                if d["cached_blocks"] == 8 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert d["engine"] == "e0" and d["cached_blocks"] == 8, d
+        finally:
+            for p in (a, b):
+                p.terminate()
+                p.wait(timeout=10)
+
+
+# ---- faults ---------------------------------------------------------------------------------
+def test_redis_down_fails_open_and_recovers_by_itself(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = redis_index_url(own_redis.url)
+    m = SyncMatcher(index=url)
+    m.index_prompt("planner", PROMPT)
+    router = Router([EngineConfig("e0"), EngineConfig("e1")], residency=open_residency(url),
+                    speculative_ttl=0)  # fmt: skip
+    router.residency.store("e0", _keys(PROMPT))
+    assert router.route_tokens(PROMPT, loads={"e0": 10, "e1": 0}).engine == "e0"
+
+    own_redis.stop()
+    caplog.set_level(logging.ERROR, logger="kvforge.store.redis")
+    for _ in range(5):
+        r = m.find_reusable_blocks(PROMPT)
+        # fail open: nothing claimed reusable (a stale view could claim cleared blocks)
+        assert r.degraded and r.prefix_blocks_by_owner == {} and r.exact_blocks == 0
+        assert {b.kind for b in r.blocks} == {"none"}
+        d = router.route_tokens(PROMPT, loads={"e0": 10, "e1": 0})
+        assert d.engine == "e1" and d.cached_blocks == 0  # by load
+    with pytest.raises(BackendUnavailableError):
+        m.index_prompt("coder", SYSTEM)  # a write is refused, not half-applied
+    health = m.stats()["backend"]
+    assert not health["available"] and health["failures"] >= 5
+    assert health["degraded_lookups"] == 5
+    down_logs = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert 1 <= len(down_logs) <= 2  # once per interval, not once per call
+
+    own_redis.start()  # same data directory: the append-only file brings the index back
+    deadline = time.monotonic() + 5
+    while m.find_reusable_blocks(PROMPT).degraded and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = m.find_reusable_blocks(PROMPT)
+    assert not r.degraded and r.prefix_blocks_by_owner == {"planner": 8}
+    assert router.route_tokens(PROMPT, loads={"e0": 10, "e1": 0}).engine == "e0"
+    m.index_prompt("coder", SYSTEM)
+    assert m.agents() == ["coder", "planner"]
+    assert m.stats()["backend"]["recoveries"] >= 1
+
+
+def test_redis_restarted_empty_is_followed_not_contradicted(own_redis: RedisServer) -> None:
+    url = redis_index_url(own_redis.url)
+    a, b = SyncMatcher(index=url), SyncMatcher(index=url)
+    a.index_prompt("planner", PROMPT)
+    assert b.find_reusable_blocks(PROMPT).prefix_blocks_by_owner == {"planner": 8}
+    own_redis.stop()
+    own_redis.start(wipe=True)  # the server lost everything
+    deadline = time.monotonic() + 5
+    while b.find_reusable_blocks(PROMPT).degraded and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # Redis is the truth: the replica must not keep claiming what Redis no longer holds
+    assert b.find_reusable_blocks(PROMPT).prefix_blocks_by_owner == {}
+    a.index_prompt("coder", SYSTEM)
+    assert b.find_reusable_blocks(PROMPT).prefix_blocks_by_owner == {"coder": 4}
+    assert a.find_reusable_blocks(PROMPT).prefix_blocks_by_owner == {"coder": 4}
+
+
+def test_secrets_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    m = SyncMatcher(index=f"redis://:hunter2@127.0.0.1:{free_port()}/0?socket_timeout=0.2")
+    r = m.find_reusable_blocks(PROMPT)
+    assert r.degraded
+    with pytest.raises(BackendUnavailableError) as exc:
+        m.index_prompt("planner", PROMPT)
+    text = caplog.text + str(exc.value)
+    assert "hunter2" not in text and "***" in text
+
+
+# ---- feed, TTL, configuration ---------------------------------------------------------------
+def test_a_replica_far_behind_the_capped_feed_rebuilds(redis_server: RedisServer) -> None:
+    url = redis_index_url(redis_server.url) + "&feed_cap=10"
+    a, b = SyncMatcher(index=url), SyncMatcher(index=url)
+    b.find_reusable_blocks(PROMPT)
+    for i in range(200):
+        a.index_prompt(f"agent{i % 50}", SYSTEM + [i] * BS)
+    a.clear_agent("agent7")
+    r = b.find_reusable_blocks(SYSTEM + [153] * BS)  # agent3 last indexed i = 153
+    assert r.prefix_blocks_by_owner["agent3"] == 5
+    assert len(b.agents()) == 49 and b.index.resyncs >= 1
+    assert b.stats()["blocks"] == a.stats()["blocks"]
+    client = redis.Redis.from_url(redis_server.url)
+    feed = b.index.store.tenant_key("default", "feed")
+    assert client.xlen(feed) < 200  # capped
+
+
+def test_ttl_expires_owners_on_every_replica(redis_server: RedisServer) -> None:
+    url = redis_index_url(redis_server.url) + "&ttl=1"
+    a, b = SyncMatcher(index=url), SyncMatcher(index=url)
+    a.index_prompt("old", PROMPT)
+    client = redis.Redis.from_url(redis_server.url)
+    owners = a.index.store.tenant_key("default", "owners")
+    assert 0 < client.pttl(owners) <= 1000  # an idle tenant's keys vanish by themselves
+    time.sleep(1.3)
+    b.index_prompt("fresh", SYSTEM)  # touching the tenant sweeps what expired
+    assert b.find_reusable_blocks(PROMPT).prefix_blocks_by_owner == {"fresh": 4}
+    assert a.agents() == ["fresh"]
+
+
+def test_replicas_must_hash_alike(redis_server: RedisServer) -> None:
+    url = redis_index_url(redis_server.url)
+    SyncMatcher(index=url)
+    with pytest.raises(KvforgeError, match="block_size=32"):
+        SyncMatcher(index=url, block_size=32)
+    with pytest.raises(KvforgeError, match="unknown index backend"):
+        SyncMatcher(index="mongodb://x")
+
+
+def test_tenants_live_under_their_own_keys(redis_server: RedisServer) -> None:
+    url = redis_index_url(redis_server.url)
+    m = SyncMatcher(index=url)
+    m.index_prompt("a", PROMPT, tenant="x}:{y")  # braces and colons cannot escape the tag
+    m.index_prompt("b", PROMPT, tenant="x")
+    prefix = m.index.store.prefix
+    client = redis.Redis.from_url(redis_server.url)
+    keys = sorted(k.decode() for k in client.scan_iter(f"{prefix}:*"))
+    by_tenant = [k for k in keys if k.startswith(f"{prefix}:{{")]
+    tags = {k[len(prefix) + 2 : k.index("}")] for k in by_tenant}
+    assert tags == {"x", "x%7D%3A%7By"}
+    assert m.agents(tenant="x") == ["b"] and m.agents(tenant="x}:{y") == ["a"]
+
+
+# ---- shared residency -----------------------------------------------------------------------
+def test_one_ingester_per_engine_no_double_counting(redis_server: RedisServer) -> None:
+    url = redis_index_url(redis_server.url)
+    r1, r2 = open_residency(url), open_residency(url)
+    assert isinstance(r1, SharedResidency) and isinstance(r2, SharedResidency)
+    keys = _keys(PROMPT)
+    stored = KVEventBatch(0.0, [BlockStored(block_hashes=keys, medium="GPU")])
+    for r in (r1, r2):  # both replicas subscribe to the engine and receive the batch
+        r.apply("e0", stored)
+    assert r1.prefix_scores(keys, ["e0"])["e0"].blocks == 8
+    assert r1.engine("e0").counts["GPU"][keys[0]] == 1  # applied once, not twice
+    assert r1.standby_dropped + r2.standby_dropped == 1
+    r1.clear_engine("e0")
+    assert r2.prefix_scores(keys, ["e0"])["e0"].blocks == 0
+
+
+def test_residency_snapshot_lets_a_late_replica_start_from_a_trimmed_feed(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_index_url(redis_server.url)
+    base, prefix = url.split("?prefix=")
+    r1 = SharedResidency(base, prefix=prefix, snapshot_every=50)
+    for i in range(120):
+        r1.store(f"e{i % 3}", [i])
+    r1.remove("e0", [0])
+    r1.refresh()
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.xlen(f"{prefix}:res:feed") < 121  # compacted
+    late = SharedResidency(base, prefix=prefix)
+    late.refresh()
+    for name in ("e0", "e1", "e2"):
+        assert late.engine(name).counts == r1.engine(name).counts
+    assert 0 not in late.engine("e0").counts["GPU"] and 3 in late.engine("e0").counts["GPU"]
