@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kvforge import InvalidInputError, Matcher, SyncMatcher
+from kvforge import InvalidInputError, Matcher, QuotaExceededError, SyncMatcher
 from kvforge.blocks import BlockHasher
 
 
@@ -152,3 +152,20 @@ def test_cli_messages_and_errors(tmp_path) -> None:
     ):
         r = _cli(*bad)
         assert r.returncode == 2 and "error" in r.stderr.lower(), (bad, r.stderr)
+
+
+def test_agent_and_tenant_bounds(index_url) -> None:
+    m = SyncMatcher(index=index_url(), max_agents_per_tenant=2, max_tenants=2)
+    toks = list(range(64))
+    m.index_prompt("a", toks)
+    m.index_prompt("b", toks)
+    m.index_prompt("a", toks + toks)  # re-indexing an agent adds none
+    with pytest.raises(QuotaExceededError, match="limit is 2"):
+        m.index_prompt("c", toks)
+    assert m.agents() == ["a", "b"]  # the refused call changed nothing
+    m.index_prompt("x", toks, tenant="t2")
+    with pytest.raises(QuotaExceededError, match="tenants"):
+        m.index_prompt("x", toks, tenant="t3")
+    m.clear_agent("b")
+    m.index_prompt("c", toks)
+    assert m.agents() == ["a", "c"]

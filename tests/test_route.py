@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kvforge import InvalidInputError
 from kvforge.blocks import BlockHasher, LoRA, chain_keys
 from kvforge.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from kvforge.route import EngineConfig, Router
+from kvforge.route import EngineConfig, ResidencyIndex, Router
 
 ENGINES = ["e0", "e1", "e2"]
 MEDIA = ["GPU", "CPU"]
@@ -222,3 +222,14 @@ def test_an_engine_whose_events_stop_goes_stale_and_recovers(new_residency) -> N
     )
     only.route_tokens(PROMPT, now=0.0)
     assert only.route_tokens(PROMPT, now=10.0).engine == "e0"
+
+
+def test_an_engine_announcing_more_than_its_pool_is_dropped() -> None:
+    res = ResidencyIndex(max_blocks_per_engine=100)
+    res.store("e1", list(range(10)))
+    res.apply("e0", KVEventBatch(0.0, [BlockStored(block_hashes=list(range(90)))]))
+    assert res.prefix_scores(list(range(90)), ["e0"])["e0"].blocks == 90
+    res.apply("e0", KVEventBatch(0.0, [BlockStored(block_hashes=list(range(90, 101)))]))
+    assert res.prefix_scores(list(range(90)), ["e0"])["e0"].blocks == 0  # flood: dropped
+    assert res.overflows == 1
+    assert res.prefix_scores(list(range(10)), ["e1"])["e1"].blocks == 10  # others untouched

@@ -10,6 +10,7 @@ from kvforge.errors import (
     HashCollisionError,
     InvalidInputError,
     KvforgeError,
+    QuotaExceededError,
     UnsupportedInputError,
 )
 from kvforge.index import BlockIndex, MemoryIndex
@@ -42,6 +43,7 @@ __all__ = [
     "MemoryIndex",
     "PrefixHash",
     "PromptTokenizer",
+    "QuotaExceededError",
     "SyncMatcher",
     "TokenizedPrompt",
     "UnsupportedInputError",

@@ -54,6 +54,8 @@ class MatcherSection:
     near_radius: int = 2
     max_prompt_chars: int = 4_000_000
     max_prompt_tokens: int = 1_000_000
+    max_agents_per_tenant: int | None = 1_000_000
+    max_tenants: int | None = 100_000
 
 
 @dataclass

@@ -16,3 +16,7 @@ class UnsupportedInputError(InvalidInputError):
 class HashCollisionError(KvforgeError):
     """Two different blocks share a 64-bit index key. Astronomically unlikely by chance;
     raised instead of silently merging them."""
+
+
+class QuotaExceededError(KvforgeError):
+    """Indexing this would exceed a configured bound (agents per tenant, tenants)."""

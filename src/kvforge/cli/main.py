@@ -404,6 +404,7 @@ def serve_cmd(
             block_size=mc.block_size, hash_algo=mc.hash_algo, hash_seed=mc.hash_seed,
             tokenizer=mc.tokenizer, near_radius=mc.near_radius,
             max_prompt_chars=mc.max_prompt_chars, max_prompt_tokens=mc.max_prompt_tokens,
+            max_agents_per_tenant=mc.max_agents_per_tenant, max_tenants=mc.max_tenants,
             index=sc.index_url,
         )  # fmt: skip
         router = (

@@ -153,6 +153,14 @@ class BlockIndex(ABC):
     @abstractmethod
     def owners(self, tenant: str) -> list[str]: ...
 
+    def count_owners(self, tenant: str) -> int:
+        """Owners the tenant holds (as this process knows them)."""
+        return len(self.owners(tenant))
+
+    def count_tenants(self) -> int:
+        """Tenants holding at least one owner (as this process knows them)."""
+        return self.stats().tenants
+
     @abstractmethod
     def stats(self) -> IndexStats: ...
 

@@ -772,6 +772,13 @@ class MemoryIndex(BlockIndex):
         t = self._tenant(tenant)
         return sorted(t.owner_id) if t else []
 
+    def count_owners(self, tenant: str) -> int:
+        t = self._tenant(tenant)
+        return len(t.owner_id) if t else 0
+
+    def count_tenants(self) -> int:
+        return len(self._tenants)
+
     def num_blocks(self) -> int:
         return sum(len(t.chain) for t in self._tenants.values())
 

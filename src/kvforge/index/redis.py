@@ -404,6 +404,12 @@ class RedisIndex(BlockIndex):
             return []
         return self.replica.owners(tenant)
 
+    def count_owners(self, tenant: str) -> int:
+        return self.replica.count_owners(tenant)  # as of the last sync: a quota, not a count
+
+    def count_tenants(self) -> int:
+        return self.replica.count_tenants()  # the tenants this process has touched
+
     def num_blocks(self) -> int:
         with contextlib.suppress(BackendUnavailableError):  # report what this replica knows
             self.sync_all()

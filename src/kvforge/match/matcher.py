@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvforge.blocks import BlockHasher, BlockSequence, LoRA, event_hash, validate_cache_salt
-from kvforge.errors import InvalidInputError
+from kvforge.errors import InvalidInputError, QuotaExceededError
 from kvforge.index import BlockIndex, LookupResult, OwnerInfo, open_index
 from kvforge.index.anchors import MAX_NEAR_RADIUS
 from kvforge.match.report import (
@@ -70,6 +70,8 @@ class SyncMatcher:
         index: BlockIndex | str | None = None,
         max_prompt_chars: int = 4_000_000,
         max_prompt_tokens: int = 1_000_000,
+        max_agents_per_tenant: int | None = 1_000_000,
+        max_tenants: int | None = 100_000,
         near_radius: int = 2,
         find_spans: bool = True,
         recompute_ratio: float = 0.15,
@@ -89,6 +91,9 @@ class SyncMatcher:
         )
         self.max_prompt_chars = max_prompt_chars
         self.max_prompt_tokens = max_prompt_tokens
+        # bounds against callers that invent agents or tenants without end (memory)
+        self.max_agents_per_tenant = max_agents_per_tenant
+        self.max_tenants = max_tenants
         self._lock = threading.Lock()
         self.generation = 0  # bumped by every change to the index (snapshots watch it)
 
@@ -170,6 +175,24 @@ class SyncMatcher:
         _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
         return self.index_blocks(agent_id, seq, tenant=tenant, cache_salt=cache_salt, lora=lora)
 
+    def _check_quota(self, key: str, agent: str) -> None:
+        """Refuse a new agent or tenant beyond the configured bounds (call under the lock)."""
+        idx = self.index
+        if self.max_agents_per_tenant is None and self.max_tenants is None:
+            return
+        n = idx.count_owners(key)
+        if n and idx.owner_info(key, agent) is not None:
+            return  # re-indexing an existing agent never adds one
+        if self.max_agents_per_tenant is not None and n >= self.max_agents_per_tenant:
+            raise QuotaExceededError(
+                f"tenant already holds {n:,} agents; the limit is {self.max_agents_per_tenant:,}"
+                " (clear some, or raise max_agents_per_tenant)"
+            )
+        if n == 0 and self.max_tenants is not None and idx.count_tenants() >= self.max_tenants:
+            raise QuotaExceededError(
+                f"{idx.count_tenants():,} tenants are indexed; the limit is {self.max_tenants:,}"
+            )
+
     def index_blocks(
         self,
         agent_id: str,
@@ -187,6 +210,7 @@ class SyncMatcher:
         info = OwnerInfo(agent, seq.num_tokens, seq.num_blocks, cache_salt, lo.name if lo else None)
         seq.chain_keys  # noqa: B018 - hash every block here, not while holding the lock
         with self._lock:
+            self._check_quota(key, agent)
             put = self.index.put(key, agent, seq, info)
             self.generation += 1
         return IndexResult(

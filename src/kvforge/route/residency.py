@@ -9,6 +9,7 @@ arrived yet) live in a separate mask with a TTL.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,8 @@ from kvforge.events.schema import (
     KVEventBatch,
     to_u64,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIER_WEIGHTS: dict[str, float] = {"GPU": 1.0, "CPU": 0.8}
 OTHER_TIER_WEIGHT = 0.5  # e.g. "STORAGE": cheaper than recompute, dearer than host memory
@@ -57,8 +60,18 @@ class PrefixScore:
 class ResidencyIndex:
     """Thread-safe: event subscribers write, routers read."""
 
-    def __init__(self, tier_weights: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        tier_weights: dict[str, float] | None = None,
+        *,
+        max_blocks_per_engine: int = 4_000_000,
+    ) -> None:
         self.tier_weights = dict(DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights)
+        # An engine's events describe its own block pool (GPU: ~10^4-10^5 blocks; with CPU or
+        # disk tiers ~10^6). Far more means a rogue or broken publisher: its residency is
+        # dropped rather than allowed to grow without bound.
+        self.max_blocks_per_engine = max_blocks_per_engine
+        self.overflows = 0
         self._engines: dict[str, EngineResidency] = {}
         self._masks: dict[str, dict[int, int]] = {}  # medium -> hash -> engine bitmask
         self._spec_mask: dict[int, int] = {}
@@ -109,10 +122,20 @@ class ResidencyIndex:
                     self._remove(e, ev.medium or "GPU", ev.block_hashes)
                 elif isinstance(ev, AllBlocksCleared):
                     self._clear(e)
+            self._bound(e)
 
     def store(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
         with self._lock:
-            self._store(self._engine(engine), medium, hashes)
+            e = self._engine(engine)
+            self._store(e, medium, hashes)
+            self._bound(e)
+
+    def _bound(self, e: EngineResidency) -> None:
+        if e.blocks() > self.max_blocks_per_engine:
+            self.overflows += 1
+            log.warning("engine %s announced over %d blocks: dropping its residency",
+                        e.name, self.max_blocks_per_engine)  # fmt: skip
+            self._clear(e)
 
     def remove(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
         with self._lock:
@@ -287,6 +310,7 @@ class ResidencyIndex:
                     n: {m: len(c) for m, c in e.counts.items()} for n, e in self._engines.items()
                 },
                 "blocks_applied": self.blocks_applied,
+                "overflows": self.overflows,
                 "speculative": len(self._spec_mask),
             }
 

@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field, model_validator
 
-from kvforge.errors import InvalidInputError, KvforgeError
+from kvforge.errors import InvalidInputError, KvforgeError, QuotaExceededError
 from kvforge.events.subscriber import EventSubscriber
 from kvforge.match import SyncMatcher
 from kvforge.persist import Snapshotter
@@ -214,6 +214,10 @@ def create_app(
         # a write that could not reach the shared index: nothing changed, the caller may retry
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
+    @app.exception_handler(QuotaExceededError)
+    async def _quota(request: Request, exc: QuotaExceededError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429)
+
     @app.exception_handler(KvforgeError)
     async def _kvforge_error(request: Request, exc: KvforgeError) -> JSONResponse:
         if isinstance(exc, InvalidInputError) and "limit is" in str(exc):
@@ -233,7 +237,13 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/v1/index", dependencies=deps, responses=errors)
+    writes = {
+        **errors,
+        429: {"description": "A new agent or tenant over the configured bounds."},
+        503: {"description": "The shared index (Redis) is unreachable; nothing changed."},
+    }
+
+    @app.post("/v1/index", dependencies=deps, responses=writes)
     def index(body: IndexBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
         r = m.index_prompt(body.agent_id, body.value(), tenant=t, cache_salt=body.cache_salt,
                            lora=body.lora_pair(), tools=body.tools)  # fmt: skip
@@ -260,7 +270,7 @@ def create_app(
                 "first_block_hash_hex": p.first_block_hash_hex,
                 "prefix_event_hash": p.prefix_event_hash}  # fmt: skip
 
-    @app.delete("/v1/agents/{agent_id}", dependencies=deps, responses=errors)
+    @app.delete("/v1/agents/{agent_id}", dependencies=deps, responses=writes)
     def clear(agent_id: str, t: str | None = Depends(tenant)) -> dict[str, int]:
         return {"removed_blocks": m.clear_agent(agent_id, tenant=t)}
 
