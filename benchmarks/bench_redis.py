@@ -109,8 +109,11 @@ def bench_index_and_match(url: str, n_blocks: int, reps: int) -> list[str]:
             ("memory", matchers["memory"], None),
             ("redis, nothing new", peer, None),
             # another process re-indexed one agent just before: the query applies its record
-            ("redis, after a peer's write", peer,
+            ("redis, a peer wrote just before", peer,
              lambda: writer.index_prompt("agent0", agent_prompt(system, 0))),
+            # the usual case: the follower thread applied the peer's write before the query
+            ("redis, a peer wrote 50 ms before", peer,
+             lambda: (writer.index_prompt("agent0", agent_prompt(system, 0)), time.sleep(0.05))),
         ]  # fmt: skip
         for label, m, before in cases:
             m.near_radius, m.find_spans = (2, True) if full else (0, False)

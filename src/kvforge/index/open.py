@@ -10,7 +10,8 @@ from kvforge.index.base import BlockIndex
 from kvforge.index.memory import MemoryIndex
 
 # query parameters kvforge reads itself; the rest go to the Redis client (e.g. ``ssl_cert_reqs``)
-_OWN = {"prefix": str, "ttl": float, "feed_cap": int, "socket_timeout": float}
+_OWN = {"prefix": str, "ttl": float, "feed_cap": int, "socket_timeout": float,
+        "follow": lambda v: v.lower() not in ("0", "false", "no")}  # fmt: skip
 
 
 def split_redis_url(url: str) -> tuple[str, dict[str, object]]:
@@ -23,7 +24,7 @@ def split_redis_url(url: str) -> tuple[str, dict[str, object]]:
             try:
                 own[k] = _OWN[k](v)
             except ValueError:
-                raise InvalidInputError(f"index URL: {k} must be {_OWN[k].__name__}") from None
+                raise InvalidInputError(f"index URL: bad value for {k}: {v!r}") from None
         else:
             rest.append((k, v))
     return urlunsplit(parts._replace(query=urlencode(rest))), own

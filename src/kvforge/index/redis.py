@@ -28,15 +28,19 @@ Redis returns. See ``kvforge.store.redis``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
+import redis
 
 from kvforge.blocks import BlockHasher, BlockSequence, LoRA
 from kvforge.errors import KvforgeError
@@ -49,9 +53,10 @@ from kvforge.index.base import (
     PutResult,
 )
 from kvforge.index.memory import MemoryIndex
-from kvforge.store.redis import BackendUnavailableError, RedisStore
+from kvforge.store.redis import REDIS_DOWN, BackendUnavailableError, RedisStore
 
 log = logging.getLogger(__name__)
+F = TypeVar("F")
 
 
 class _Record(msgspec.Struct, array_like=True):
@@ -134,6 +139,17 @@ return #old
 _BATCH = 1000  # feed entries per catch-up call (Lua's unpack() limit is ~8000)
 
 
+def _locked(fn: F) -> F:
+    """Run under the index's lock: the follower thread applies changes concurrently."""
+
+    @functools.wraps(fn)
+    def wrapper(self: RedisIndex, *args: Any, **kw: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kw)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @dataclass
 class _Cursor:
     epoch: str = ""
@@ -158,6 +174,7 @@ class RedisIndex(BlockIndex):
         feed_cap: int = 100_000,
         store: RedisStore | None = None,
         socket_timeout: float = 0.5,
+        follow: bool = True,
     ) -> None:
         if ttl is not None and ttl <= 0:
             raise KvforgeError("ttl must be positive (or None for no expiry)")
@@ -175,7 +192,13 @@ class RedisIndex(BlockIndex):
         self.resyncs = 0
         self.applied = 0  # owner records applied from other processes' writes
         self.degraded_lookups = 0
+        self._lock = threading.RLock()
         self._check_config()
+        if follow:
+            # Apply peers' writes as they happen, so a query rarely finds any to apply: it
+            # still checks the version (reads stay current), but pays no indexing work.
+            threading.Thread(target=_follow, args=(weakref.ref(self), url), daemon=True,
+                             name="kvforge-index-follower").start()  # fmt: skip
 
     # ---- setup ---------------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -311,6 +334,7 @@ class RedisIndex(BlockIndex):
         raw = self.store.call(self.store.client.smembers, self.store.key("tenants"))
         return sorted(t.decode() for t in raw)
 
+    @_locked
     def sync_all(self) -> None:
         for t in self._tenants():
             self.sync(t)
@@ -340,6 +364,7 @@ class RedisIndex(BlockIndex):
         elif self._cursors[tenant].version < int(caught[1]):
             self.sync(tenant)  # more than one batch behind (rare): follow the feed
 
+    @_locked
     def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
         self.replica.validate(tenant, seq)  # raises before Redis is touched
         caught, written = self._write_op(tenant, owner, self._encode(seq, info))
@@ -355,6 +380,7 @@ class RedisIndex(BlockIndex):
             c.version, c.feed_id = int(written[0]), written[2].decode()
             c.epoch = written[1].decode()  # a tenant's first write creates its epoch
 
+    @_locked
     def remove(self, tenant: str, owner: str) -> int:
         caught, written = self._write_op(tenant, owner, b"")
         self._advance(tenant, caught, written, owner)
@@ -367,6 +393,7 @@ class RedisIndex(BlockIndex):
         return len(_DECODER.decode(old).tokens) // (4 * self.block_size)
 
     # ---- reads ---------------------------------------------------------------------------
+    @_locked
     def lookup(
         self,
         tenant: str,
@@ -386,17 +413,21 @@ class RedisIndex(BlockIndex):
                                    spans=spans)  # fmt: skip
 
     # The three below explain a lookup just made (under the matcher's lock): no round trip.
+    @_locked
     def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:
         return self.replica.owner_block_tokens(tenant, owner, block)
 
+    @_locked
     def closest_owner(
         self, tenant: str, first_block: np.ndarray, *, exclude: str | None = None
     ) -> str | None:
         return self.replica.closest_owner(tenant, first_block, exclude=exclude)
 
+    @_locked
     def owner_info(self, tenant: str, owner: str) -> OwnerInfo | None:
         return self.replica.owner_info(tenant, owner)
 
+    @_locked
     def owners(self, tenant: str) -> list[str]:
         try:
             self.sync(tenant)
@@ -404,26 +435,71 @@ class RedisIndex(BlockIndex):
             return []
         return self.replica.owners(tenant)
 
+    @_locked
     def count_owners(self, tenant: str) -> int:
         return self.replica.count_owners(tenant)  # as of the last sync: a quota, not a count
 
+    @_locked
     def count_tenants(self) -> int:
         return self.replica.count_tenants()  # the tenants this process has touched
 
+    @_locked
     def num_blocks(self) -> int:
         with contextlib.suppress(BackendUnavailableError):  # report what this replica knows
             self.sync_all()
         return self.replica.num_blocks()
 
+    @_locked
     def stats(self) -> IndexStats:
         with contextlib.suppress(BackendUnavailableError):
             self.sync_all()
         return self.replica.stats()
 
+    @_locked
     def export(self) -> Iterator[OwnerRecord]:
         self.sync_all()  # an export must be complete: raise rather than export a stale view
-        return self.replica.export()
+        return iter(list(self.replica.export()))  # materialized under the lock
 
     def health(self) -> dict[str, Any]:
         return {**self.store.health(), "resyncs": self.resyncs, "applied": self.applied,
                 "degraded_lookups": self.degraded_lookups}  # fmt: skip
+
+
+def _follow(ref: weakref.ref[RedisIndex], url: str, block_ms: int = 500) -> None:
+    """Block on the feeds of the tenants this process follows (``XREAD``) and catch up the
+    ones that moved. Holds only a weak reference between rounds: the thread ends once its
+    index is gone."""
+    client: redis.Redis | None = None
+    while True:
+        idx = ref()
+        if idx is None:
+            break
+        with idx._lock:
+            feeds = {
+                idx.store.tenant_key(t, "feed"): (t, c.feed_id) for t, c in idx._cursors.items()
+            }
+        if client is None:
+            client = redis.Redis.from_url(url, socket_timeout=block_ms / 1000 + 2,
+                                          socket_connect_timeout=1.0)  # fmt: skip
+        del idx  # never block while holding the index alive
+        if not feeds:
+            time.sleep(block_ms / 1000)
+            continue
+        try:
+            got = client.xread({k: v[1] for k, v in feeds.items()}, count=1, block=block_ms)
+        except REDIS_DOWN:
+            time.sleep(1.0)  # the query path counts and logs outages; just retry
+            continue
+        idx = ref()
+        if idx is None:
+            break
+        for key, _ in got or []:
+            tenant = feeds[key.decode()][0]
+            try:
+                with idx._lock:
+                    idx.sync(tenant)
+            except BackendUnavailableError:
+                break
+        del idx
+    if client is not None:
+        client.close()
