@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from kvforge import PromptTokenizer, SyncMatcher
 from kvforge.index.anchors import GUARANTEED_SPAN, winnow
+from kvforge.route import EngineConfig, Router
+from kvforge.route.shared import open_residency
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,20 +174,45 @@ def test_spans_and_near_respect_tenants_exclusion_and_clearing(index_url) -> Non
     assert next(b.kind for b in m.find_reusable_blocks(edited, tenant="t1").blocks) == "none"
 
 
+def _common_blocks(a: list[int], b: list[int], bs: int) -> int:
+    """Leading full blocks on which ``a`` and ``b`` agree token for token."""
+    n = 0
+    while (n + 1) * bs <= min(len(a), len(b)) and a[n * bs : (n + 1) * bs] == b[
+        n * bs : (n + 1) * bs
+    ]:
+        n += 1
+    return n
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.data())
 def test_no_query_of_one_tenant_ever_sees_another(index_url, data: st.DataObject) -> None:
-    """Spans, moved and near blocks and exact prefixes stay inside the caller's tenant."""
+    """Spans, moved and near blocks and exact prefixes stay inside the caller's tenant; and
+    with per-tenant salts (SECURITY.md), no engine is credited with another tenant's blocks."""
     rnd = random.Random(data.draw(st.integers(0, 10**6)))
     doc = [rnd.randrange(40) for _ in range(rnd.randint(40, 120))]
-    m = SyncMatcher(block_size=16, index=index_url())
+    url = index_url()
+    m = SyncMatcher(block_size=16, index=url)
+    router = Router([EngineConfig("e0"), EngineConfig("e1")], residency=open_residency(url),
+                    speculative_ttl=0)  # fmt: skip
+    held: dict[str, list[list[int]]] = {"A": [], "B": []}
     for i in range(rnd.randint(1, 4)):
         tenant = rnd.choice(["A", "B"])
-        noise = [rnd.randrange(40) for _ in range(rnd.randint(0, 30))]
+        # often no noise: then the tenants' prompts share whole prefixes with each other
+        noise = [] if rnd.random() < 0.4 else [rnd.randrange(40) for _ in range(rnd.randint(1, 30))]
         m.index_prompt(f"{tenant.lower()}{i}", noise + doc, tenant=tenant)
-    q = [rnd.randrange(40) for _ in range(rnd.randint(0, 20))] + doc
+        # the engine serving this tenant caches the prompt under the tenant's salt
+        seq = m.blocks(m.tokenize(noise + doc), cache_salt=f"salt-{tenant}")
+        router.residency.store("e0", seq.chain_keys.tolist())
+        held[tenant].append(noise + doc)
+    q = ([] if rnd.random() < 0.5 else [rnd.randrange(40) for _ in range(rnd.randint(1, 20))]) + doc
+    for tenant in ("A", "B"):
+        d = router.route_tokens(q, cache_salt=f"salt-{tenant}", speculate=False)
+        # exactly what the tenant's own prompts explain: leading blocks equal token for token
+        own = max((_common_blocks(q, p, 16) for p in held[tenant]), default=0)
+        assert d.cached_blocks == own, (tenant, d.cached_blocks, own)
     for tenant in ("A", "B"):
         r = m.find_reusable_blocks(q, tenant=tenant)
         seen = set(r.prefix_blocks_by_owner) | {s.owner for s in r.moved_spans}
