@@ -66,9 +66,13 @@ class IndexMachine(RuleBasedStateMachine):
         tenant=st.sampled_from(TENANTS), agent=st.sampled_from(AGENTS), tokens=prompts, salt=salts
     )
     def index(self, tenant: str, agent: str, tokens: list[int], salt) -> None:
+        depth, _ = self.ref.expect(tenant, tokens, salt, None, 0)
+        shared = max((d for o, d in depth.items() if o != agent), default=0)
         r = self.m.index_prompt(agent, tokens, tenant=tenant, cache_salt=salt)
         self.ref.put(tenant, agent, tokens, salt)
         assert r.num_blocks == len(tokens) // BS
+        # shared: the prefix other owners already held; new: the rest
+        assert (r.shared_blocks, r.new_blocks) == (shared, r.num_blocks - shared)
 
     @rule(tenant=st.sampled_from(TENANTS), agent=st.sampled_from(AGENTS))
     def clear(self, tenant: str, agent: str) -> None:

@@ -694,15 +694,26 @@ class MemoryIndex(BlockIndex):
         t = self._tenant(tenant, create=True)
         assert t is not None
         t.validate(seq)  # raises before anything changes
-        oid = t.owner_id.get(owner)
-        if oid is not None:
-            t.remove(oid)
-        else:
-            oid = int(t.o_ids.take(1)[0])
-            t.owner_id[owner] = oid
-            t.owner_name[oid] = owner
+        old = t.owner_id.get(owner)
+        # The new prompt goes in under a fresh id before the old one leaves, so what the two
+        # share (a growing conversation, a re-sent prompt) is never torn down and rebuilt.
+        oid = int(t.o_ids.take(1)[0])
+        t.owner_id[owner] = oid
+        t.owner_name[oid] = owner
         new, shared = t.put(oid, seq)
         t.owner_info[oid] = info
+        if old is not None:
+            # count only blocks held by *other* owners as shared (the old prompt is leaving)
+            ob, nb = t.owner_blocks[old], t.owner_blocks[oid]
+            m = min(ob.size, nb.size, shared)
+            same = int(np.argmin(ob[:m] == nb[:m])) if m and not (ob[:m] == nb[:m]).all() else m
+            others = t.b_nown[nb[:shared]] - 1 - (np.arange(shared) < same)
+            shared = int((others > 0).sum())
+            new = seq.num_blocks - shared
+            del t.owner_name[old]
+            t.owner_info.pop(old, None)
+            t.remove(old)
+            t.o_ids.give(np.asarray([old], dtype=np.int32))
         return PutResult(seq.num_blocks, new, shared)
 
     def remove(self, tenant: str, owner: str) -> int:
