@@ -117,8 +117,10 @@ def bench_index_and_match(url: str, n_blocks: int, reps: int) -> list[str]:
 
         return run
 
+    writes = iter(range(1, 1 << 30))
+
     def local_write() -> None:
-        matchers["memory"].index_prompt("agent0", agent_prompt(system, 0))
+        matchers["memory"].index_prompt("agent0", variant(system, next(writes)))
 
     for full in (False, True):
         kind = "full (near + spans)" if full else "exact + moved"
@@ -159,9 +161,18 @@ def _writer(url: str, system: list[int], conn: Any) -> None:
     m = SyncMatcher(index=url, near_radius=0)
     m.find_spans = False
     conn.send("ready")
+    i = 0
     while conn.recv():
-        m.index_prompt("agent0", agent_prompt(system, 0))
+        i += 1
+        m.index_prompt("agent0", variant(system, i))
         conn.send(True)
+
+
+def variant(system: list[int], i: int) -> list[int]:
+    """agent0's prompt with its last 1,024 tokens changed: a real update (re-sending the same
+    prompt costs nothing)."""
+    tail = np.random.default_rng([2, i % 2]).integers(0, VOCAB, 1024).tolist()
+    return agent_prompt(system, 0)[:-1024] + tail
 
 
 def _batches(n: int, rng: np.random.Generator) -> list[KVEventBatch]:
