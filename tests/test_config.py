@@ -50,6 +50,13 @@ def test_precedence(tmp_path: Path) -> None:
         ("[[engines]]\nname = 'a'\nurl2 = 'x'\n", {}, r"unknown fields \['url2'\]"),
         ("", {"KVFORGE_ROUTER_LOAD_WEIGHT": "heavy"}, r"\[router\].load_weight \(environment\)"),
         ("[matcher\n", {}, "not valid TOML"),
+        ("[service]\nindex_url = 'mongodb://x'\n", {}, r"index_url must be memory:// or redis"),
+        (
+            "[service]\nindex_url = 'redis://r/0'\nsnapshot_path = '/x'\n",
+            {},
+            "snapshot_path persists the embedded index",
+        ),
+        ("", {"KVFORGE_MATCHER_MAX_TENANTS": "many"}, r"\[matcher\].max_tenants"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, text: str, env: dict, match: str) -> None:

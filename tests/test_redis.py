@@ -253,3 +253,39 @@ def test_residency_snapshot_lets_a_late_replica_start_from_a_trimmed_feed(
     for name in ("e0", "e1", "e2"):
         assert late.engine(name).counts == r1.engine(name).counts
     assert 0 not in late.engine("e0").counts["GPU"] and 3 in late.engine("e0").counts["GPU"]
+
+
+def test_service_reports_the_outage_and_recovers(own_redis: RedisServer) -> None:
+    from fastapi.testclient import TestClient
+
+    from kvforge.serve import create_app
+
+    url = redis_index_url(own_redis.url)
+    router = Router([EngineConfig("e0"), EngineConfig("e1")], residency=open_residency(url))
+    c = TestClient(create_app(SyncMatcher(index=url), router=router, subscribe=False))
+    assert c.post("/v1/index", json={"agent_id": "a", "token_ids": PROMPT}).status_code == 200
+    own_redis.stop()
+    m = c.post("/v1/match", json={"token_ids": PROMPT})
+    assert m.status_code == 200 and m.json()["degraded"] is True
+    assert m.json()["exact_blocks"] == 0
+    r = c.post("/v1/index", json={"agent_id": "b", "token_ids": PROMPT})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert (
+        c.post("/v1/route", json={"token_ids": PROMPT, "loads": {"e0": 9}}).json()["engine"] == "e1"
+    )
+    metrics = c.get("/metrics").text
+    assert 'kvforge_backend_up{part="index"} 0.0' in metrics
+    assert 'kvforge_backend_up{part="residency"} 0.0' in metrics
+    failures = next(
+        float(line.split()[-1]) for line in metrics.splitlines()
+        if line.startswith('kvforge_backend_failures_total{part="index"}')
+    )  # fmt: skip
+    assert failures >= 2
+    own_redis.start()
+    deadline = time.monotonic() + 5
+    while c.post("/v1/match", json={"token_ids": PROMPT}).json()["degraded"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert c.post("/v1/match", json={"token_ids": PROMPT}).json()["exact_blocks"] == 8
+    assert c.post("/v1/index", json={"agent_id": "b", "token_ids": PROMPT}).status_code == 200
+    assert 'kvforge_backend_up{part="index"} 1.0' in c.get("/metrics").text
