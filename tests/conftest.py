@@ -1,6 +1,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +29,6 @@ def qwen3() -> PromptTokenizer:
 
 
 # ---- a real redis-server for the Redis backend's tests ------------------------------------
-import os  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
 
 
 def free_port() -> int:
@@ -126,3 +127,27 @@ def new_residency(request: pytest.FixtureRequest) -> Callable[[], object]:
         return lambda: open_residency(None)
     server = request.getfixturevalue("redis_server")
     return lambda: open_residency(redis_index_url(server.url))
+
+
+def serve_process(cfg: Path) -> tuple[subprocess.Popen, str]:
+    """``kvforge serve --config cfg`` as a real process on a free port, once it is healthy."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvforge.cli.main", "serve", "--config", str(cfg),
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "exited")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("service did not start")

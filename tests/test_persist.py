@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import serve_process
 
 from kvforge import SyncMatcher
 from kvforge.persist import SnapshotError, Snapshotter, load_snapshot, save_snapshot
@@ -80,27 +78,7 @@ def test_kill_minus_nine_loses_at_most_one_interval(tmp_path: Path) -> None:
     snap = tmp_path / "index.snapshot"
     cfg.write_text(f'[service]\nsnapshot_path = "{snap}"\nsnapshot_interval = 0.2\n')
 
-    def start() -> tuple[subprocess.Popen, str]:
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvforge.cli.main", "serve", "--config", str(cfg),
-             "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    return proc, url
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        proc.kill()
-        raise AssertionError("service did not start")
-
-    proc, url = start()
+    proc, url = serve_process(cfg)
     try:
         r = httpx.post(url + "/v1/index", json={"agent_id": "planner", "token_ids": SYSTEM},
                        headers={"X-Tenant": "acme"}, timeout=30)  # fmt: skip
@@ -109,7 +87,7 @@ def test_kill_minus_nine_loses_at_most_one_interval(tmp_path: Path) -> None:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-    proc, url = start()
+    proc, url = serve_process(cfg)
     try:
         got = httpx.get(url + "/v1/agents", headers={"X-Tenant": "acme"}, timeout=10).json()
         assert got == {"agents": ["planner"]}

@@ -4,15 +4,13 @@ compaction, leases, key layout. Every test talks to a real redis-server."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from conftest import RedisServer, free_port, redis_index_url
+from conftest import RedisServer, free_port, redis_index_url, serve_process
 
 from kvforge import SyncMatcher
 from kvforge.errors import KvforgeError
@@ -34,27 +32,6 @@ def _keys(tokens: list[int]) -> list[int]:
 
 
 # ---- several processes, one truth -----------------------------------------------------------
-def _serve(cfg: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvforge.cli.main", "serve", "--config", str(cfg),
-         "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "exited")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("service did not start")
-
-
 def test_two_processes_see_each_others_indexing_clearing_and_kv_events(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -66,7 +43,7 @@ def test_two_processes_see_each_others_indexing_clearing_and_kv_events(
         a_cfg.write_text(service + f'[[engines]]\nname = "e0"\nevents = "{pub.endpoint}"\n'
                          '[[engines]]\nname = "e1"\n')  # fmt: skip
         b_cfg.write_text(service + '[[engines]]\nname = "e0"\n[[engines]]\nname = "e1"\n')
-        (a, a_url), (b, b_url) = _serve(a_cfg), _serve(b_cfg)
+        (a, a_url), (b, b_url) = serve_process(a_cfg), serve_process(b_cfg)
         try:
             h = {"X-Tenant": "acme"}
             r = httpx.post(a_url + "/v1/index", json={"agent_id": "planner", "token_ids": PROMPT},
