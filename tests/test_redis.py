@@ -266,3 +266,34 @@ def test_service_reports_the_outage_and_recovers(own_redis: RedisServer) -> None
     assert c.post("/v1/match", json={"token_ids": PROMPT}).json()["exact_blocks"] == 8
     assert c.post("/v1/index", json={"agent_id": "b", "token_ids": PROMPT}).status_code == 200
     assert 'kvforge_backend_up{part="index"} 1.0' in c.get("/metrics").text
+
+
+def test_a_bad_record_is_skipped_and_the_feed_still_followed(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = redis_index_url(redis_server.url)
+    a, b = SyncMatcher(index=url + "&follow=0"), SyncMatcher(index=url + "&follow=0")
+    a.index_prompt("good", PROMPT)
+    b.agents()
+    # someone with write access to Redis plants garbage and announces it
+    client = redis.Redis.from_url(redis_server.url)
+    keys = a.index._keys("default")
+    client.hset(keys[1], "evil", b"\xc1not msgpack")
+    v = client.hincrby(keys[0], "ver", 1)
+    client.xadd(keys[2], {"v": v, "o": "evil"})
+    a.index_prompt("later", SYSTEM)
+    assert b.find_reusable_blocks(PROMPT).prefix_blocks_by_owner == {"good": 8, "later": 4}
+    assert b.agents() == ["good", "later"]
+    assert "skipping the record of 'evil'" in caplog.text
+
+
+def test_the_configuration_check_waits_for_redis(own_redis: RedisServer) -> None:
+    url = redis_index_url(own_redis.url)
+    SyncMatcher(index=url)  # records block_size=16
+    own_redis.stop()
+    late = SyncMatcher(index=url + "&socket_timeout=0.2", block_size=32)  # starts anyway
+    assert late.find_reusable_blocks(list(range(64))).degraded
+    own_redis.start()
+    time.sleep(1.1)  # past the fail-fast window
+    with pytest.raises(KvforgeError, match="block_size=16"):
+        late.find_reusable_blocks(list(range(64)))

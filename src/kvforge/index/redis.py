@@ -161,7 +161,8 @@ class _Cursor:
 class RedisIndex(BlockIndex):
     """``BlockIndex`` shared through Redis by any number of processes (see module docstring).
 
-    Not thread-safe, like every backend (``Matcher`` serializes calls).
+    Thread-safe: every public method holds the index's lock, which the follower thread takes
+    too while it applies other processes' writes.
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class RedisIndex(BlockIndex):
         self.applied = 0  # owner records applied from other processes' writes
         self.degraded_lookups = 0
         self._lock = threading.RLock()
+        self._config_ok = False
         self._check_config()
         if follow:
             # Apply peers' writes as they happen, so a query rarely finds any to apply: it
@@ -216,12 +218,19 @@ class RedisIndex(BlockIndex):
             theirs = self.store.call(check)
         except BackendUnavailableError:
             log.warning("Redis unreachable at start; configuration check deferred")
-            return
+            return  # checked again before the first read or write that reaches Redis
         if theirs is not None and theirs.decode() != mine:
             raise KvforgeError(
                 f"this process hashes with {mine} but the index in Redis "
                 f"({self.store.key('')}*) was built with {theirs.decode()}; use another prefix"
             )
+        self._config_ok = True
+
+    def _ensure_config(self) -> None:
+        if not self._config_ok:
+            self._check_config()
+            if not self._config_ok:
+                raise BackendUnavailableError("Redis is unreachable")
 
     def _keys(self, tenant: str) -> list[str]:
         k = self.store.tenant_key
@@ -234,13 +243,15 @@ class RedisIndex(BlockIndex):
                                        info.lora_name, seq.namespace,
                                        seq.tokens.astype("<u4").tobytes()))  # fmt: skip
 
-    def _decode(self, raw: bytes) -> tuple[BlockSequence, OwnerInfo]:
+    def _decode(self, owner: str, raw: bytes) -> tuple[BlockSequence, OwnerInfo]:
         rec = _DECODER.decode(raw)
+        if len(rec.tokens) % (4 * self.block_size):
+            raise ValueError("the record's tokens are not whole blocks")
         tokens = np.frombuffer(rec.tokens, dtype="<u4").tolist()
         salt, lora_name, lora_path = rec.namespace
         lora = LoRA(lora_name, lora_path) if lora_name else None
         seq = BlockSequence(self.hasher, tokens, cache_salt=salt or None, lora=lora)
-        info = OwnerInfo(rec.owner, rec.num_tokens, seq.num_blocks, rec.cache_salt,
+        info = OwnerInfo(owner, rec.num_tokens, seq.num_blocks, rec.cache_salt,
                          rec.lora_name)  # fmt: skip
         return seq, info
 
@@ -250,7 +261,7 @@ class RedisIndex(BlockIndex):
             self.replica.remove(tenant, owner)
             return
         try:
-            seq, info = self._decode(raw)
+            seq, info = self._decode(owner, raw)
             self.replica.put(tenant, owner, seq, info)
         except (msgspec.DecodeError, KvforgeError, ValueError) as exc:
             # a record this replica cannot use must not stop it from following the feed
@@ -279,6 +290,7 @@ class RedisIndex(BlockIndex):
 
     def sync(self, tenant: str) -> None:
         """Bring the replica of ``tenant`` up to date (raises BackendUnavailableError)."""
+        self._ensure_config()
         self._maybe_sweep(tenant)
         while True:
             keys, args = self._catch_up_args(tenant)
@@ -342,6 +354,7 @@ class RedisIndex(BlockIndex):
     # ---- writes --------------------------------------------------------------------------
     def _write_op(self, tenant: str, owner: str, record: bytes) -> tuple[list[Any], list[Any]]:
         """One MULTI: catch up, then write. Returns (catch-up reply, write reply)."""
+        self._ensure_config()
         keys, args = self._catch_up_args(tenant)
         r = self.store.client
 
