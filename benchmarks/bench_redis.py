@@ -255,11 +255,14 @@ def bench_route(url: str, n_blocks: int, reps: int) -> list[str]:
         routers["memory"].residency.apply(name, batch)
     routers["redis"].residency.refresh()
     base: dict[str, float] = {}
+    base_blocks: dict[str, int] = {}
     for label, r in routers.items():
         for case, prompt in cases:
             r.route_tokens(prompt, speculate=False)  # memo warm-up
             lat = timeit(lambda r=r, p=prompt: r.route_tokens(p, speculate=False), reps)
             d = r.route_tokens(prompt, speculate=False)
+            expect = base_blocks.setdefault(case, d.cached_blocks)
+            assert d.cached_blocks == expect, (label, case, d.cached_blocks)  # never degraded
             base.setdefault(case, float(np.median(lat)))
             rows.append(f"| {label} | {case} | {d.cached_blocks} | {pct(lat)} | "
                         f"{np.median(lat) / base[case]:.2f}x |")  # fmt: skip

@@ -297,3 +297,21 @@ def test_the_configuration_check_waits_for_redis(own_redis: RedisServer) -> None
     time.sleep(1.1)  # past the fail-fast window
     with pytest.raises(KvforgeError, match="block_size=16"):
         late.find_reusable_blocks(list(range(64)))
+
+
+def test_events_received_while_redis_is_down_are_buffered_then_shared(
+    own_redis: RedisServer,
+) -> None:
+    url = redis_index_url(own_redis.url)
+    r1, r2 = open_residency(url), open_residency(url)
+    assert isinstance(r1, SharedResidency)
+    keys = _keys(PROMPT)
+    r1.apply("e0", KVEventBatch(0.0, [BlockStored(block_hashes=keys[:4], medium="GPU")]))
+    own_redis.stop()
+    r1.apply("e0", KVEventBatch(0.0, [BlockStored(block_hashes=keys[4:], medium="GPU")]))
+    assert r1.health()["pending"] == 1
+    assert r2.prefix_scores(keys, ["e0"])["e0"].blocks == 0  # down: nothing credited
+    own_redis.start()
+    time.sleep(1.1)  # past the fail-fast window
+    assert r1.refresh() and r1.health()["pending"] == 0
+    assert r2.prefix_scores(keys, ["e0"])["e0"].blocks == 8

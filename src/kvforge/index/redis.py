@@ -97,10 +97,12 @@ end
 return {v, redis.call('HGET', KEYS[1], 'epoch'), id, old}
 """
 
-# KEYS: meta, owners, feed. ARGV: epoch, version, last feed id, max entries.
+# KEYS: meta, owners, feed. ARGV: epoch, version, last feed id, max entries, max bytes.
 # Returns {epoch, version} when the replica is current; {epoch, version, 'resync'} when it
 # must rebuild; else {epoch, version, last entry's id, owners, records, last entry's version}
-# (at most ARGV[4] entries: the caller loops while the last entry's version < version).
+# for a prefix of the pending entries whose records fit in max bytes (at least one entry):
+# the caller loops while the last entry's version < version. Bounding each reply keeps every
+# round trip well inside the socket timeout, whatever the prompts' sizes.
 _CATCH_UP = """
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'ver')
 local epoch = meta[1] or ''
@@ -111,13 +113,21 @@ local es = redis.call('XRANGE', KEYS[3], '(' .. ARGV[3], '+', 'COUNT', ARGV[4])
 if #es == 0 or tonumber(es[1][2][2]) ~= tonumber(ARGV[2]) + 1 then
   return {epoch, v, 'resync'}
 end
-local owners, seen = {}, {}
-for _, e in ipairs(es) do
+local owners, records, seen, size, last = {}, {}, {}, 0, 0
+local budget = tonumber(ARGV[5])
+for i, e in ipairs(es) do
   local o = e[2][4]
-  if not seen[o] then seen[o] = true; owners[#owners + 1] = o end
+  if not seen[o] then
+    local r = redis.call('HGET', KEYS[2], o)
+    if r and last > 0 and size + #r > budget then break end
+    seen[o] = true
+    owners[#owners + 1] = o
+    records[#records + 1] = r
+    if r then size = size + #r end
+  end
+  last = i
 end
-return {epoch, v, es[#es][1], owners, redis.call('HMGET', KEYS[2], unpack(owners)),
-        tonumber(es[#es][2][2])}
+return {epoch, v, es[last][1], owners, records, tonumber(es[last][2][2])}
 """
 
 # KEYS: meta, owners, feed, seen. ARGV: ttl ms, feed cap, max owners. Expires owners whose
@@ -136,7 +146,8 @@ end
 return #old
 """
 
-_BATCH = 1000  # feed entries per catch-up call (Lua's unpack() limit is ~8000)
+_BATCH = 1000  # feed entries per catch-up call
+_REPLY_BYTES = 8 << 20  # records per catch-up call (a 0.5 s timeout allows far more on a LAN)
 
 
 def _locked(fn: F) -> F:
@@ -272,7 +283,7 @@ class RedisIndex(BlockIndex):
     # ---- following the feed --------------------------------------------------------------
     def _catch_up_args(self, tenant: str) -> tuple[list[str], list[Any]]:
         c = self._cursors.setdefault(tenant, _Cursor())
-        return self._keys(tenant)[:3], [c.epoch, c.version, c.feed_id, _BATCH]
+        return self._keys(tenant)[:3], [c.epoch, c.version, c.feed_id, _BATCH, _REPLY_BYTES]
 
     def _absorb(self, tenant: str, reply: list[Any]) -> bool:
         """Apply one catch-up reply; False when the replica must rebuild the tenant."""
@@ -328,7 +339,8 @@ class RedisIndex(BlockIndex):
         records: list[tuple[bytes, bytes]] = []
         cursor = 0
         while True:
-            cursor, chunk = self.store.call(r.hscan, owners, cursor, count=500)
+            # bulk reads use a client with a long timeout: a large hash may take a while
+            cursor, chunk = self.store.call(self.store.bulk.hscan, owners, cursor, count=100)
             records += chunk.items()
             if cursor == 0:
                 break

@@ -52,6 +52,11 @@ return 0
 """
 
 
+# feed entries per round trip: a prefill batch with token ids is ~40 KB, so a chunk stays a few
+# MB and each round trip well inside the socket timeout
+_CHUNK = 200
+
+
 class _Snapshot(msgspec.Struct, array_like=True):
     # engine -> medium -> [(hash, refs), ...]
     engines: dict[str, dict[str, list[tuple[int, int]]]]
@@ -138,17 +143,22 @@ class SharedResidency(ResidencyIndex):
 
     def _flush(self) -> None:
         """Append what was buffered while Redis was down — only for engines whose lease this
-        replica holds now (another replica's buffer covers the rest)."""
-        if not self._pending and not self._overflowed:
-            return
-        items = [(e, "c", b"") for e in sorted(self._overflowed)] + list(self._pending)
-        mine = {e for e in {i[0] for i in items} if self._holds_lease(e)}
-        self.standby_dropped += sum(1 for i in items if i[0] not in mine)
-        self._xadd([i for i in items if i[0] in mine])
-        self._pending.clear()
-        self._overflowed.clear()
+        replica holds now (another replica's buffer covers the rest). Chunk by chunk, each
+        dropped from the buffer once appended, so a failure midway duplicates nothing."""
+        if self._overflowed:
+            # those engines lost batches: whatever the feed says of them may be stale
+            self._xadd([(e, "c", b"") for e in sorted(self._overflowed) if self._holds_lease(e)])
+            self._overflowed.clear()
+        while self._pending:
+            chunk = [self._pending[i] for i in range(min(_CHUNK, len(self._pending)))]
+            mine = {e for e in {i[0] for i in chunk} if self._holds_lease(e)}
+            self.standby_dropped += sum(1 for i in chunk if i[0] not in mine)
+            self._xadd([i for i in chunk if i[0] in mine])
+            for _ in chunk:
+                self._pending.popleft()
 
     def _xadd(self, items: list[tuple[str, str, bytes]]) -> None:
+        """Append entries in one pipelined round trip (callers keep ``items`` small)."""
         if not items:
             return
 
@@ -172,7 +182,7 @@ class SharedResidency(ResidencyIndex):
                 def head() -> Any:
                     with self.redis.client.pipeline(transaction=False) as p:
                         p.hget(self._snap, "id")
-                        p.xrange(self._feed, f"({self._last_id}", "+", count=2000)
+                        p.xrange(self._feed, f"({self._last_id}", "+", count=_CHUNK)
                         return p.execute()
 
                 snap_id, entries = self.redis.call(head)
@@ -183,7 +193,7 @@ class SharedResidency(ResidencyIndex):
                     self._replay(fields)
                     self._last_id = entry_id.decode()
                 self._since_snapshot += len(entries)
-                if len(entries) < 2000:
+                if len(entries) < _CHUNK:
                     break
             self._degraded = False
         if self._since_snapshot >= self.snapshot_every:
@@ -203,7 +213,7 @@ class SharedResidency(ResidencyIndex):
             log.exception("skipping a residency feed entry for engine %r", engine)
 
     def _load_snapshot(self) -> None:
-        raw = self.redis.call(self.redis.client.hmget, self._snap, "id", "data")
+        raw = self.redis.call(self.redis.bulk.hmget, self._snap, "id", "data")
         snap_id, data = raw
         snap = msgspec.msgpack.decode(data, type=_Snapshot)
         with self._lock:
@@ -237,7 +247,7 @@ class SharedResidency(ResidencyIndex):
             data = msgspec.msgpack.encode(snap)
 
             def run() -> Any:
-                with r.pipeline(transaction=True) as p:
+                with self.redis.bulk.pipeline(transaction=True) as p:  # a large write
                     p.hset(self._snap, mapping={"id": at, "data": data})
                     p.xtrim(self._feed, minid=at)
                     p.delete(self._snaplock)

@@ -81,6 +81,8 @@ class RedisStore:
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
             health_check_interval=30,
         )  # fmt: skip
+        self._url_timeout = socket_timeout
+        self._bulk: redis.Redis | None = None
         self.retry_after = retry_after
         self.log_interval = log_interval
         self.failures = 0  # round trips that failed or were skipped while down
@@ -89,6 +91,15 @@ class RedisStore:
         self._down_since = 0.0
         self._last_log = -1e18
         self._lock = threading.Lock()
+
+    @property
+    def bulk(self) -> redis.Redis:
+        """A second client for bulk reads (snapshots, rebuilds): a 30 s timeout, so a large
+        transfer is not mistaken for a dead server."""
+        if self._bulk is None:
+            self._bulk = redis.Redis.from_url(self.url, socket_timeout=30.0,
+                                              socket_connect_timeout=self._url_timeout)  # fmt: skip
+        return self._bulk
 
     # ---- keys ----------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
