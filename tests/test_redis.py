@@ -315,3 +315,33 @@ def test_events_received_while_redis_is_down_are_buffered_then_shared(
     time.sleep(1.1)  # past the fail-fast window
     assert r1.refresh() and r1.health()["pending"] == 0
     assert r2.prefix_scores(keys, ["e0"])["e0"].blocks == 8
+
+
+def test_failover_to_a_standby_loses_no_event_it_saw(redis_server: RedisServer) -> None:
+    base, prefix = redis_index_url(redis_server.url).split("?prefix=")
+
+    def replica() -> SharedResidency:
+        return SharedResidency(base, prefix=prefix, lease_ttl=0.3)
+
+    keys = _keys(PROMPT)
+    batches = [KVEventBatch(time.time(), [BlockStored(block_hashes=[k])]) for k in keys]
+    r1, r2 = replica(), replica()
+    for b in batches[:3]:  # both subscribe; r1 ingests
+        r1.apply("e0", b)
+        r2.apply("e0", b)
+    for b in batches[3:5]:  # r1 died: r2 receives, but r1's lease has not lapsed yet
+        r2.apply("e0", b)
+    time.sleep(0.4)
+    for b in batches[5:]:  # r2 takes over and appends what r1 never did
+        r2.apply("e0", b)
+    assert r2.takeovers == 1
+    assert replica().prefix_scores(keys, ["e0"])["e0"].blocks == 8
+    # a replica that never saw the last ingested batch cannot fill the hole: it marks the
+    # engine cleared, then appends what it has
+    time.sleep(0.4)
+    late = replica()
+    extra = _keys(list(range(9000, 9000 + 2 * BS)))
+    late.apply("e0", KVEventBatch(time.time(), [BlockStored(block_hashes=extra)]))
+    view = replica()
+    view.refresh()
+    assert view.engine("e0").counts["GPU"] == dict.fromkeys(extra, 1)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import xxhash
 
 from kvforge.events.schema import KVEventBatch, decode_batch, encode_batch, normalize_hashes
 from kvforge.route.residency import PrefixScore, PrefixWalk, ResidencyIndex
@@ -60,6 +61,10 @@ _CHUNK = 200
 class _Snapshot(msgspec.Struct, array_like=True):
     # engine -> medium -> [(hash, refs), ...]
     engines: dict[str, dict[str, list[tuple[int, int]]]]
+
+
+def _digest(kind: str, payload: bytes) -> str:
+    return xxhash.xxh3_64_hexdigest(payload, seed=ord(kind))
 
 
 def _id_tuple(feed_id: str) -> tuple[int, int]:
@@ -95,6 +100,12 @@ class SharedResidency(ResidencyIndex):
         self.snapshot_every = snapshot_every
         self._lease = self.redis.client.register_script(_LEASE)
         self._leases: dict[str, float] = {}  # engine -> monotonic time the lease is safe until
+        self._held: set[str] = set()  # engines whose lease this replica held at the last check
+        # What this replica received lately, per engine, as holder or standby: a new holder
+        # appends what the previous one did not (bounded by time, count and bytes).
+        self._recent: dict[str, deque[tuple[float, str, str, bytes]]] = {}
+        self._recent_bytes: dict[str, int] = {}
+        self.takeovers = 0
         self._last_id = "0-0"
         self._since_snapshot = 0
         self._pending: deque[tuple[str, str, bytes]] = deque(maxlen=buffer)
@@ -118,18 +129,56 @@ class SharedResidency(ResidencyIndex):
     def remove(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
         self._append(engine, "r", msgspec.msgpack.encode((medium, list(hashes))))
 
+    def _last_key(self, engine: str) -> str:
+        return self.redis.key("res", "last", engine)
+
     def _holds_lease(self, engine: str) -> bool:
         now = time.monotonic()
         if self._leases.get(engine, 0.0) > now:
             return True
         key = self.redis.key("res", "lease", engine)
         if self.redis.call(self._lease, keys=[key], args=[self.holder, self.lease_ttl_ms]):
+            if engine not in self._held:
+                self._take_over(engine)
+                self._held.add(engine)
             self._leases[engine] = now + self.lease_ttl_ms / 3000  # renew at a third
             return True
         self._leases.pop(engine, None)
+        self._held.discard(engine)
         return False
 
+    def _take_over(self, engine: str) -> None:
+        """Append what this replica received after the previous holder's last append (it died
+        or lost its lease): fail-over loses nothing this replica saw. When that last append is
+        not among what it saw, the engine's history has a hole: it is marked cleared first."""
+        last = self.redis.call(self.redis.client.get, self._last_key(engine))
+        seen = list(self._recent.get(engine, ()))[:-1]  # the caller appends the newest itself
+        if last is None:
+            return  # the first ingester of this engine
+        digests = [d for _, d, _, _ in seen]
+        if last.decode() in digests:
+            start = len(digests) - digests[::-1].index(last.decode())
+            missed = [(engine, k, p) for _, _, k, p in seen[start:]]
+        else:
+            missed = [(engine, "c", b""), *((engine, k, p) for _, _, k, p in seen)]
+        for i in range(0, len(missed), _CHUNK):
+            self._xadd(missed[i : i + _CHUNK])
+        self.takeovers += 1
+        log.info("took over KV-event ingestion of engine %s (%d missed entries appended)",
+                 engine, len(missed))  # fmt: skip
+
+    def _remember(self, engine: str, kind: str, payload: bytes) -> None:
+        ring = self._recent.setdefault(engine, deque())
+        now = time.monotonic()
+        ring.append((now, _digest(kind, payload), kind, payload))
+        size = self._recent_bytes.get(engine, 0) + len(payload)
+        horizon = now - self.lease_ttl_ms / 1000 - 5.0  # a lease lapses within its TTL
+        while ring and (len(ring) > 4096 or size > 16 << 20 or ring[0][0] < horizon):
+            size -= len(ring.popleft()[3])
+        self._recent_bytes[engine] = size
+
     def _append(self, engine: str, kind: str, payload: bytes) -> None:
+        self._remember(engine, kind, payload)
         try:
             if not self._holds_lease(engine):
                 self.standby_dropped += 1
@@ -166,6 +215,8 @@ class SharedResidency(ResidencyIndex):
             with self.redis.client.pipeline(transaction=False) as p:
                 for engine, kind, payload in items:
                     p.xadd(self._feed, {"e": engine, "k": kind, "p": payload})
+                    # where a successor takes over from, should this replica die
+                    p.set(self._last_key(engine), _digest(kind, payload))
                 return p.execute()
 
         self.redis.call(run)
@@ -290,6 +341,7 @@ class SharedResidency(ResidencyIndex):
     def health(self) -> dict[str, Any]:
         return {**self.redis.health(), "appended": self.appended,
                 "standby_dropped": self.standby_dropped, "pending": len(self._pending),
+                "takeovers": self.takeovers,
                 "degraded_walks": self.degraded_walks}  # fmt: skip
 
 
