@@ -7,9 +7,10 @@ same state, whichever replica received them:
 * **one ingester per engine.** Every replica may subscribe to every engine (ZMQ PUB fans out),
   but only the holder of the engine's lease (``SET NX PX``, renewed while events flow) appends
   its batches; the others drop them, so no batch is applied twice. When the holder dies, its
-  lease lapses and the next replica to receive an event takes over.
-* **catch-up before reading.** ``walk`` / ``tree_keys`` / ``stats`` first apply the feed entries
-  past the replica's last id: one pipelined round trip (snapshot id + ``XRANGE``).
+  lease lapses and the next replica to receive an event takes over, first appending what it
+  received after the old holder's last append (recorded as a digest with every append).
+* **catch-up before reading.** ``refresh`` (the router calls it once per decision) applies the
+  feed entries past the replica's last id: one pipelined round trip (snapshot id + ``XRANGE``).
 * **compaction.** Every ``snapshot_every`` entries one replica (under a lock) stores its
   reference counts at its last feed id and trims the feed up to that id; a replica that starts,
   or fell behind the trim, loads the snapshot and replays the rest. The block tree (token ids →
