@@ -26,12 +26,14 @@ replica that made the decision.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -62,6 +64,37 @@ _CHUNK = 200
 class _Snapshot(msgspec.Struct, array_like=True):
     # engine -> medium -> [(hash, refs), ...]
     engines: dict[str, dict[str, list[tuple[int, int]]]]
+
+
+@dataclass
+class _Inbox:
+    """What this replica received from one engine, numbered: items up to ``sent`` are in the
+    feed (or, as a standby, left to the ingester). Kept for a while after, so a replica that
+    takes over can append what the old ingester missed; kept until sent while Redis is down."""
+
+    items: deque[tuple[int, float, str, str, bytes]] = field(default_factory=deque)
+    next_n: int = 0
+    sent: int = -1
+    nbytes: int = 0
+    hole: bool = False  # items that were ours to send were dropped: clear the engine first
+
+    def push(self, kind: str, payload: bytes) -> None:
+        self.items.append((self.next_n, time.monotonic(), _digest(kind, payload), kind, payload))
+        self.next_n += 1
+        self.nbytes += len(payload)
+
+    def trim(self, keep_s: float, cap: int, ours: bool) -> None:
+        horizon = time.monotonic() - keep_s
+        items = self.items
+        while items and (
+            len(items) > cap or self.nbytes > 64 << 20
+            or (items[0][1] < horizon and items[0][0] <= self.sent)
+        ):  # fmt: skip
+            n, _, _, _, payload = items.popleft()
+            self.nbytes -= len(payload)
+            if n > self.sent and ours:
+                self.hole = True
+                self.sent = n
 
 
 def _digest(kind: str, payload: bytes) -> str:
@@ -102,15 +135,12 @@ class SharedResidency(ResidencyIndex):
         self._lease = self.redis.client.register_script(_LEASE)
         self._leases: dict[str, float] = {}  # engine -> monotonic time the lease is safe until
         self._held: set[str] = set()  # engines whose lease this replica held at the last check
-        # What this replica received lately, per engine, as holder or standby: a new holder
-        # appends what the previous one did not (bounded by time, count and bytes).
-        self._recent: dict[str, deque[tuple[float, str, str, bytes]]] = {}
-        self._recent_bytes: dict[str, int] = {}
+        self._inboxes: dict[str, _Inbox] = {}
+        self.buffer = buffer
         self.takeovers = 0
         self._last_id = "0-0"
         self._since_snapshot = 0
-        self._pending: deque[tuple[str, str, bytes]] = deque(maxlen=buffer)
-        self._overflowed: set[str] = set()
+        self._ingest_lock = threading.RLock()  # subscribers of several engines share the inboxes
         self._sync_lock = threading.Lock()  # one catch-up at a time; readers may share it
         self._degraded = False
         self.appended = 0
@@ -133,14 +163,14 @@ class SharedResidency(ResidencyIndex):
     def _last_key(self, engine: str) -> str:
         return self.redis.key("res", "last", engine)
 
-    def _holds_lease(self, engine: str) -> bool:
+    def _holds_lease(self, engine: str, box: _Inbox) -> bool:
         now = time.monotonic()
         if self._leases.get(engine, 0.0) > now:
             return True
         key = self.redis.key("res", "lease", engine)
         if self.redis.call(self._lease, keys=[key], args=[self.holder, self.lease_ttl_ms]):
             if engine not in self._held:
-                self._take_over(engine)
+                self._take_over(engine, box)
                 self._held.add(engine)
             self._leases[engine] = now + self.lease_ttl_ms / 3000  # renew at a third
             return True
@@ -148,76 +178,64 @@ class SharedResidency(ResidencyIndex):
         self._held.discard(engine)
         return False
 
-    def _take_over(self, engine: str) -> None:
-        """Append what this replica received after the previous holder's last append (it died
-        or lost its lease): fail-over loses nothing this replica saw. When that last append is
-        not among what it saw, the engine's history has a hole: it is marked cleared first."""
+    def _take_over(self, engine: str, box: _Inbox) -> None:
+        """Start sending after the previous holder's last append (it died or lost its lease):
+        fail-over loses nothing this replica received. When that append is not among what it
+        received, the engine's history has a hole: it is marked cleared first."""
         last = self.redis.call(self.redis.client.get, self._last_key(engine))
-        seen = list(self._recent.get(engine, ()))[:-1]  # the caller appends the newest itself
-        if last is None:
-            return  # the first ingester of this engine
-        digests = [d for _, d, _, _ in seen]
-        if last.decode() in digests:
-            start = len(digests) - digests[::-1].index(last.decode())
-            missed = [(engine, k, p) for _, _, k, p in seen[start:]]
-        else:
-            missed = [(engine, "c", b""), *((engine, k, p) for _, _, k, p in seen)]
-        for i in range(0, len(missed), _CHUNK):
-            self._xadd(missed[i : i + _CHUNK])
+        first = box.items[0][0] if box.items else box.next_n
+        box.sent = first - 1  # by default, send everything this replica has
+        if last is not None:
+            found = [n for n, _, d, _, _ in box.items if d == last.decode()]
+            if found:
+                box.sent = found[-1]
+            else:
+                box.hole = True
         self.takeovers += 1
-        log.info("took over KV-event ingestion of engine %s (%d missed entries appended)",
-                 engine, len(missed))  # fmt: skip
-
-    def _remember(self, engine: str, kind: str, payload: bytes) -> None:
-        ring = self._recent.setdefault(engine, deque())
-        now = time.monotonic()
-        ring.append((now, _digest(kind, payload), kind, payload))
-        size = self._recent_bytes.get(engine, 0) + len(payload)
-        horizon = now - self.lease_ttl_ms / 1000 - 5.0  # a lease lapses within its TTL
-        while ring and (len(ring) > 4096 or size > 16 << 20 or ring[0][0] < horizon):
-            size -= len(ring.popleft()[3])
-        self._recent_bytes[engine] = size
+        log.info("taking over KV-event ingestion of engine %s (%d entries to append)",
+                 engine, box.next_n - 1 - box.sent)  # fmt: skip
 
     def _append(self, engine: str, kind: str, payload: bytes) -> None:
-        self._remember(engine, kind, payload)
-        try:
-            if not self._holds_lease(engine):
-                self.standby_dropped += 1
-                return
-            self._flush()
-            self._xadd([(engine, kind, payload)])
-        except BackendUnavailableError:
-            if len(self._pending) == self._pending.maxlen:
-                self._overflowed.add(self._pending[0][0])  # its oldest batch is lost
-            self._pending.append((engine, kind, payload))
+        with self._ingest_lock:
+            box = self._inboxes.get(engine)
+            if box is None:
+                box = self._inboxes[engine] = _Inbox()
+            box.push(kind, payload)
+            # when Redis is down the items stay in the inbox (bounded): sent on the next event
+            # or refresh
+            with contextlib.suppress(BackendUnavailableError):
+                self._pump(engine, box)
+            box.trim(self.lease_ttl_ms / 1000 + 5.0, self.buffer, engine in self._held)
 
-    def _flush(self) -> None:
-        """Append what was buffered while Redis was down — only for engines whose lease this
-        replica holds now (another replica's buffer covers the rest). Chunk by chunk, each
-        dropped from the buffer once appended, so a failure midway duplicates nothing."""
-        if self._overflowed:
-            # those engines lost batches: whatever the feed says of them may be stale
-            self._xadd([(e, "c", b"") for e in sorted(self._overflowed) if self._holds_lease(e)])
-            self._overflowed.clear()
-        while self._pending:
-            chunk = [self._pending[i] for i in range(min(_CHUNK, len(self._pending)))]
-            mine = {e for e in {i[0] for i in chunk} if self._holds_lease(e)}
-            self.standby_dropped += sum(1 for i in chunk if i[0] not in mine)
-            self._xadd([i for i in chunk if i[0] in mine])
-            for _ in chunk:
-                self._pending.popleft()
-
-    def _xadd(self, items: list[tuple[str, str, bytes]]) -> None:
-        """Append entries in one pipelined round trip (callers keep ``items`` small)."""
-        if not items:
+    def _pump(self, engine: str, box: _Inbox) -> None:
+        """As the engine's ingester, append what the feed lacks; else only remember."""
+        if not self._holds_lease(engine, box):
+            self.standby_dropped += box.next_n - 1 - box.sent
+            box.sent = box.next_n - 1  # another replica ingests these
             return
+        if box.hole:  # items that were ours to send were lost
+            self._xadd(engine, [(_digest("c", b""), "c", b"")])
+            box.hole = False
+        while box.sent < box.next_n - 1:
+            chunk = [it for it in box.items if it[0] > box.sent][:_CHUNK]
+            self._xadd(engine, [(d, k, p) for _, _, d, k, p in chunk])
+            box.sent = chunk[-1][0]
+
+    def _pump_all(self) -> None:
+        with self._ingest_lock:
+            for engine, box in self._inboxes.items():
+                if box.hole or (engine in self._held and box.sent < box.next_n - 1):
+                    self._pump(engine, box)
+
+    def _xadd(self, engine: str, items: list[tuple[str, str, bytes]]) -> None:
+        """Append entries in one pipelined round trip (callers keep ``items`` small)."""
 
         def run() -> Any:
             with self.redis.client.pipeline(transaction=False) as p:
-                for engine, kind, payload in items:
+                for digest, kind, payload in items:
                     p.xadd(self._feed, {"e": engine, "k": kind, "p": payload})
                     # where a successor takes over from, should this replica die
-                    p.set(self._last_key(engine), _digest(kind, payload))
+                    p.set(self._last_key(engine), digest)
                 return p.execute()
 
         self.redis.call(run)
@@ -227,8 +245,7 @@ class SharedResidency(ResidencyIndex):
     def sync(self) -> None:
         """Apply every feed entry past this replica's position (raises when Redis is down)."""
         with self._sync_lock:
-            if self._pending or self._overflowed:
-                self._flush()
+            self._pump_all()
             while True:
 
                 def head() -> Any:
@@ -339,9 +356,13 @@ class SharedResidency(ResidencyIndex):
         self.refresh()
         return {**super().stats(), "backend": self.health()}
 
+    def _unsent(self) -> int:
+        with self._ingest_lock:
+            return sum(b.next_n - 1 - b.sent for e, b in self._inboxes.items() if e in self._held)
+
     def health(self) -> dict[str, Any]:
         return {**self.redis.health(), "appended": self.appended,
-                "standby_dropped": self.standby_dropped, "pending": len(self._pending),
+                "standby_dropped": self.standby_dropped, "pending": self._unsent(),
                 "takeovers": self.takeovers,
                 "degraded_walks": self.degraded_walks}  # fmt: skip
 
