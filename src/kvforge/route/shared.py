@@ -27,6 +27,7 @@ replica that made the decision.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -82,6 +83,11 @@ class _Inbox:
         self.items.append((self.next_n, time.monotonic(), _digest(kind, payload), kind, payload))
         self.next_n += 1
         self.nbytes += len(payload)
+
+    def unsent(self, limit: int) -> list[tuple[int, float, str, str, bytes]]:
+        """The first ``limit`` items past ``sent`` (numbers are consecutive: O(limit))."""
+        start = max(0, self.sent + 1 - (self.items[0][0] if self.items else self.next_n))
+        return list(itertools.islice(self.items, start, start + limit))
 
     def trim(self, keep_s: float, cap: int, ours: bool) -> None:
         horizon = time.monotonic() - keep_s
@@ -217,7 +223,7 @@ class SharedResidency(ResidencyIndex):
             self._xadd(engine, [(_digest("c", b""), "c", b"")])
             box.hole = False
         while box.sent < box.next_n - 1:
-            chunk = [it for it in box.items if it[0] > box.sent][:_CHUNK]
+            chunk = box.unsent(_CHUNK)
             self._xadd(engine, [(d, k, p) for _, _, d, k, p in chunk])
             box.sent = chunk[-1][0]
 
