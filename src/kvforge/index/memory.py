@@ -693,16 +693,16 @@ class MemoryIndex(BlockIndex):
     def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
         t = self._tenant(tenant, create=True)
         assert t is not None
-        t.validate(seq)  # raises before anything changes
         old = t.owner_id.get(owner)
         if old is not None:
             ob = t.owner_blocks[old]
             if ob.size == seq.num_blocks and (t.b_key[ob] == seq.chain_keys).all():
-                # the same prompt again (chain keys cover tokens, salt and LoRA): only the
-                # metadata may change
+                # the same prompt again (chain keys cover tokens, salt and LoRA; the blocks
+                # were verified when first stored): only the metadata may change
                 t.owner_info[old] = info
                 others = int((t.b_nown[ob] > 1).sum())  # owner sets shrink along a chain
                 return PutResult(seq.num_blocks, seq.num_blocks - others, others)
+        t.validate(seq)  # raises before anything changes
         # The new prompt goes in under a fresh id before the old one leaves, so what the two
         # share (a growing conversation, a re-sent prompt) is never torn down and rebuilt.
         oid = int(t.o_ids.take(1)[0])
