@@ -202,7 +202,7 @@ class RedisIndex(BlockIndex):
         self._catch_up = r.register_script(_CATCH_UP)
         self._sweep = r.register_script(_SWEEP)
         self.resyncs = 0
-        self.applied = 0  # owner records applied from other processes' writes
+        self.applied = 0  # owner records applied from Redis (peers' writes, rebuilds)
         self.degraded_lookups = 0
         self._lock = threading.RLock()
         self._config_ok = False
