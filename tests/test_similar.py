@@ -64,6 +64,63 @@ def test_spans_equal_brute_force_on_random_prompts(index_url, data: st.DataObjec
     assert _spans(m, q) == brute_spans(q, owners, 16)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_spans_equal_brute_force_when_owners_share_paths(data: st.DataObject) -> None:
+    """Owners that share a prefix at different depths (one block tree, many branches), a
+    document after it or elsewhere, re-indexed and cleared owners: the class-based search over
+    the tree finds exactly the brute-force runs of every owner."""
+    rnd = random.Random(data.draw(st.integers(0, 10**6)))
+    bs = data.draw(st.sampled_from([4, 8, 16]))
+    vocab = data.draw(st.sampled_from([2, 6, 40, 5000]))
+
+    def toks(n: int) -> list[int]:
+        return [rnd.randrange(vocab) for _ in range(n)]
+
+    base = toks(rnd.randint(40, 200))
+    doc = base[rnd.randint(0, 30) :][: rnd.randint(32, 120)]
+    m = SyncMatcher(block_size=bs)
+    owners: dict[str, list[int]] = {}
+    for i in range(rnd.randint(1, 8)):
+        depth = rnd.randint(0, len(base))
+        tail = rnd.choice([toks(rnd.randint(0, 60)), doc, toks(rnd.randint(0, 9)) + doc, []])
+        owners[f"a{i}"] = base[:depth] + tail
+    for name, t in owners.items():
+        m.index_prompt(name, t)
+    for name in list(owners):  # churn: the postings of freed blocks must go with them
+        if rnd.random() < 0.3:
+            m.clear_agent(name)
+            del owners[name]
+        elif rnd.random() < 0.3:
+            owners[name] = owners[name][: rnd.randint(0, len(owners[name]))] + toks(20)
+            m.index_prompt(name, owners[name])
+    q = rnd.choice([[], toks(rnd.randint(1, 40))]) + base[rnd.randint(0, 20) :]
+    q = q[: rnd.randint(0, len(q))] + rnd.choice([[], doc, toks(30)])
+    r = m.find_reusable_blocks(q)
+    assert not r.truncated
+    got = {(s.owner, s.query_start, s.owner_start, s.length) for s in r.moved_spans}
+    assert got == brute_spans(q, owners, bs)
+
+
+def test_span_postings_leave_with_their_blocks() -> None:
+    rng = np.random.default_rng(3)
+    m = SyncMatcher()
+    system = rng.integers(0, 1000, 700).tolist()
+    for i in range(20):
+        m.index_prompt(f"a{i}", system[: 30 * i] + rng.integers(0, 1000, 300).tolist())
+    t = m.index._tenants["default"]
+    assert len(t.postings) > 0
+    for i in range(20):
+        m.clear_agent(f"a{i}")
+    assert "default" not in m.index._tenants  # the tenant and all its postings are gone
+    m.index_prompt("b", system)
+    m.index_prompt("c", system[:333] + [5] * 40)
+    m.clear_agent("c")
+    only_b = SyncMatcher()
+    only_b.index_prompt("b", system)
+    assert m.index._tenants["default"].postings.post == only_b.index._tenants["default"].postings.post
+
+
 def test_spans_on_real_text_and_cacheblend_budget(index_url) -> None:
     tk = PromptTokenizer.qwen3()
     doc = (ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE").read_text()[:6000]

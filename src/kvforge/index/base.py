@@ -97,6 +97,8 @@ class LookupResult:
     spans: list[SharedSpan] = field(default_factory=list)
     # the backend could not be consulted (shared backend down): nothing is claimed reusable
     degraded: bool = False
+    # the moved-span search hit its work budget: ``spans`` may miss some (never wrong ones)
+    truncated: bool = False
 
 
 MAX_SOURCES = 16

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from bisect import bisect_right
 from collections.abc import Iterator
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -27,14 +28,7 @@ import numpy as np
 from kvforge.blocks.hashing import content_hashes
 from kvforge.blocks.sequence import BlockSequence
 from kvforge.errors import HashCollisionError
-from kvforge.index.anchors import (
-    ANCHOR_K,
-    GUARANTEED_SPAN,
-    MAX_NEAR_RADIUS,
-    NEAR_CHUNKS,
-    near_chunk_keys,
-    winnow,
-)
+from kvforge.index.anchors import MAX_NEAR_RADIUS, NEAR_CHUNKS, near_chunk_keys
 from kvforge.index.base import (
     MAX_SOURCES,
     BlockIndex,
@@ -46,6 +40,15 @@ from kvforge.index.base import (
     PutResult,
     SharedSpan,
     is_excluded,
+)
+from kvforge.index.spans import (
+    WINDOW_CONTEXT,
+    AnchorPostings,
+    SpanBudget,
+    node_anchors,
+)
+from kvforge.index.spans import (
+    search as span_search,
 )
 from kvforge.index.table import U64Table
 
@@ -80,8 +83,34 @@ class _IdPool:
         self.free.extend(ids.tolist())
 
 
+def _mm_add(d: dict[int, int | set[int]], key: int, val: int) -> None:
+    """Multi-map kept as one int, or a set once a key holds several values (most hold one)."""
+    cur = d.get(key)
+    if cur is None:
+        d[key] = val
+    elif isinstance(cur, int):
+        d[key] = {cur, val}
+    else:
+        cur.add(val)
+
+
+def _mm_discard(d: dict[int, int | set[int]], key: int, val: int) -> None:
+    cur = d.get(key)
+    if isinstance(cur, set):
+        cur.discard(val)
+        if len(cur) == 1:
+            d[key] = cur.pop()
+    elif cur == val:
+        del d[key]
+
+
+def _mm_values(cur: int | set[int] | None) -> tuple[int, ...] | set[int]:
+    return () if cur is None else (cur,) if isinstance(cur, int) else cur
+
+
 class _Tenant:
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, budget: SpanBudget | None = None) -> None:
+        budget = budget or SpanBudget()
         self.bs = block_size
         self.chain = U64Table()
         self.content = U64Table()
@@ -105,9 +134,13 @@ class _Tenant:
         self.content_blocks: dict[int, set[int]] = {}
         # near-duplicates: per chunk, chunk key -> content id (or a set of them)
         self.near: list[dict[int, int | set[int]]] = [{} for _ in range(NEAR_CHUNKS)]
-        # moved spans: anchor hash -> packed (owner id << 32 | token position)
-        self.anchors: dict[int, int | list[int]] = {}
-        self.owner_anchors: dict[int, np.ndarray | None] = {}  # [2, n]: hashes, positions
+        # moved spans: anchor hash -> packed (chain block << 32 | token position)
+        self.postings = AnchorPostings(budget.max_postings)
+        self.budget = budget
+        # the block tree downwards: children per block (roots under their negative marker)
+        # and the owners whose prompt ends at a block ("one int, or a set when shared")
+        self.children: dict[int, int | set[int]] = {}
+        self.ends: dict[int, int | set[int]] = {}
         # owners
         self.owner_id: dict[str, int] = {}
         self.owner_name: dict[int, str] = {}
@@ -280,10 +313,41 @@ class _Tenant:
             self.chain.insert(seq.chain_keys[k:], new)
             for c, b in zip(cids[k:].tolist(), new.tolist(), strict=True):
                 self._link_content(c, b)
+            new_l = new.tolist()
+            _mm_add(self.children, int(parents[0]), new_l[0])
+            self.children.update(pairwise(new_l))
             bids = np.concatenate([shared, new]).astype(np.int32)
+            base = self._post_base(k)
+            self._post(bids, k, seq.tokens[base:], base, add=True)
         self.owner_blocks[oid] = bids.astype(np.int32)
-        self._anchors_add(oid, seq.tokens.ravel())
+        if n:
+            _mm_add(self.ends, int(bids[-1]), oid)
         return n - k, k
+
+    def _post_base(self, first: int) -> int:
+        """First block whose tokens the windows ending in block ``first`` cover."""
+        return max(0, first - -(-WINDOW_CONTEXT // self.bs))
+
+    def _post(
+        self, bids: np.ndarray, first: int, tokens: np.ndarray, base: int, *, add: bool
+    ) -> None:
+        """Add (or remove) the anchors posted by blocks ``bids[first:]`` of a path; ``tokens``
+        are its blocks' tokens from block ``base = _post_base(first)`` on."""
+        hashes, pos, end = node_anchors(tokens.ravel(), base, first, self.bs)
+        if hashes.size == 0:
+            return
+        packed = (bids[end].astype(np.int64) << 32) | pos
+        if add:
+            self.postings.add(hashes.tolist(), packed.tolist())
+        else:
+            self.postings.remove(hashes.tolist(), packed.tolist())
+
+    def leaving(self, b: int, stay: int) -> tuple[list[int], list[int]]:
+        """Owners through block ``b`` that do not continue into its child ``stay``: those whose
+        prompt ends at ``b``, and the other children that the rest continue into."""
+        ends = list(_mm_values(self.ends.get(b)))
+        kids = [c for c in _mm_values(self.children.get(b)) if c != stay]
+        return ends, kids
 
     def _link_content(self, c: int, b: int) -> None:
         refs = int(self.c_refs[c])
@@ -313,8 +377,9 @@ class _Tenant:
     def remove(self, oid: int) -> int:
         self.version += 1
         self._owner_cache.clear()
-        self._anchors_remove(oid)
         bids = self.owner_blocks.pop(oid)
+        if bids.size:
+            _mm_discard(self.ends, int(bids[-1]), oid)
         for b in bids.tolist():
             s = self.block_owners.get(b)
             if s is None:
@@ -328,6 +393,13 @@ class _Tenant:
         self.b_nown[bids] -= 1
         freed = bids[self.b_nown[bids] == 0]
         if freed.size:
+            # owner sets shrink along a chain: the freed blocks are the path's suffix
+            first = bids.size - freed.size
+            base = self._post_base(first)
+            self._post(bids, first, self.c_tokens[self.b_content[bids[base:]]], base, add=False)
+            _mm_discard(self.children, int(self.b_parent[freed[0]]), int(freed[0]))
+            for b in freed.tolist():
+                self.children.pop(b, None)
             self.chain.delete(self.b_key[freed])
             dead = [
                 c
@@ -357,76 +429,17 @@ class _Tenant:
             self._owner_cache[b] = (self.version, cur, by_name)
         return cur, by_name
 
-    # multi-maps kept as "one int, or a set/list when shared": most keys have one value
-    @staticmethod
-    def _mm_add(d: dict[int, Any], key: int, val: int, kind: type = set) -> None:
-        cur = d.get(key)
-        if cur is None:
-            d[key] = val
-        elif isinstance(cur, int):
-            d[key] = kind((cur, val))
-        elif kind is set:
-            cur.add(val)
-        else:
-            cur.append(val)
-
-    @staticmethod
-    def _mm_values(cur: Any) -> Any:
-        return () if cur is None else (cur,) if isinstance(cur, int) else cur
-
     def _near_add(self, cids: np.ndarray) -> None:
         keys = near_chunk_keys(self.c_tokens[cids]).tolist()
         for cid, row in zip(cids.tolist(), keys, strict=True):
             for table, key in zip(self.near, row, strict=True):
-                self._mm_add(table, key, cid)
+                _mm_add(table, key, cid)
 
     def _near_remove(self, cids: np.ndarray) -> None:
         keys = near_chunk_keys(self.c_tokens[cids]).tolist()
         for cid, row in zip(cids.tolist(), keys, strict=True):
             for table, key in zip(self.near, row, strict=True):
-                cur = table.get(key)
-                if isinstance(cur, set):
-                    cur.discard(cid)
-                    if len(cur) == 1:
-                        table[key] = cur.pop()
-                elif cur == cid:
-                    del table[key]
-
-    def _anchors_add(self, oid: int, tokens: np.ndarray) -> None:
-        """Postings: one packed ``oid << 32 | position`` int, or, once an anchor is shared,
-        a dict position -> set of owner ids (owners of a common prompt region share a
-        position, which lets a query drop a whole exact-prefix group with one set
-        difference)."""
-        pos, hashes = winnow(tokens)
-        anchors = self.anchors
-        for h, p in zip(hashes.tolist(), pos.tolist(), strict=True):
-            cur = anchors.get(h)
-            if cur is None:
-                anchors[h] = (oid << 32) | p
-                continue
-            if isinstance(cur, int):
-                cur = anchors[h] = {cur & 0xFFFFFFFF: {cur >> 32}}
-            cur.setdefault(p, set()).add(oid)
-        self.owner_anchors[oid] = np.stack([hashes, pos.astype(np.uint64)]) if pos.size else None
-
-    def _anchors_remove(self, oid: int) -> None:
-        arr = self.owner_anchors.pop(oid, None)
-        if arr is None:
-            return
-        anchors = self.anchors
-        for h, p in zip(arr[0].tolist(), arr[1].tolist(), strict=True):
-            cur = anchors.get(h)
-            if isinstance(cur, int):
-                if cur == (oid << 32) | p:
-                    del anchors[h]
-            elif cur is not None:
-                owners = cur.get(p)
-                if owners is not None:
-                    owners.discard(oid)
-                    if not owners:
-                        del cur[p]
-                if not cur:
-                    del anchors[h]
+                _mm_discard(table, key, cid)
 
     def owner_tokens(self, oid: int) -> np.ndarray:
         """The owner's indexed tokens (its full blocks), rebuilt from the content store."""
@@ -438,8 +451,8 @@ class _Tenant:
     ) -> LookupResult:
         n = seq.num_blocks
         if n == 0 or not self.owner_blocks:
-            found = self._spans(seq, exclude) if spans and self.owner_blocks else []
-            return LookupResult(0, {}, [], spans=found)
+            found, cut = self._spans(seq, exclude) if spans and self.owner_blocks else ([], False)
+            return LookupResult(0, {}, [], spans=found, truncated=cut)
         cids = self._content_ids(seq)
         bids, deep = self._walk(seq, cids)
         chain_b = bids[:deep]
@@ -447,26 +460,35 @@ class _Tenant:
         runs: list[tuple[int, int, tuple[str, ...]]] = []
         if deep:
             # Owner sets shrink along the chain and change only where the owner count changes.
-            # Walking those change points from the deepest one, each owner is met once, at its
-            # depth, so ``order`` comes out sorted by decreasing depth (names sorted within).
+            # The owners whose prefix stops at block i are those of block i that do not go on
+            # into block i+1: found through the tree's children and ends, so each owner costs
+            # O(1) once, however many change points there are. Walking the change points from
+            # the deepest one, ``order`` comes out sorted by decreasing depth (names sorted
+            # within).
             nown = self.b_nown[chain_b]
             cps = [*np.flatnonzero(nown[:-1] != nown[1:]).tolist(), deep - 1]
-            prev: set[int] = set()
+            names = self.owner_name
             order: list[str] = []
             neg_depths: list[int] = []  # ascending, for bisect
             for i in reversed(cps):
-                cur, by_name = self._sorted_owners(int(chain_b[i]))
-                if prev:
-                    fresh = [n for n, o in by_name if o not in prev]
+                if i == deep - 1:
+                    fresh = [n for n, _ in self._sorted_owners(int(chain_b[i]))[1]]
                 else:
-                    fresh = [n for n, _ in by_name]
+                    ends, kids = self.leaving(int(chain_b[i]), int(chain_b[i + 1]))
+                    if len(kids) > 8:  # a branch point (a shared prompt's end): vectorized
+                        k_arr = np.asarray(kids, dtype=np.int64)
+                        one = self.b_nown[k_arr] == 1
+                        ends += self.b_owner[k_arr[one]].tolist()
+                        kids = k_arr[~one].tolist()
+                    for c in kids:
+                        ends += self.owners_of(c)
+                    fresh = sorted(map(names.__getitem__, ends))
                 if exclude is not None:
                     fresh = [n for n in fresh if not is_excluded(n, exclude)]
                 if fresh:
                     depth.update(dict.fromkeys(fresh, i + 1))
                     order += fresh
                     neg_depths += [-(i + 1)] * len(fresh)
-                prev = cur
             # Runs of identical owner sets: the owners of blocks [.., end) are those whose depth
             # is >= end, i.e. a prefix of ``order``.
             start = 0
@@ -483,8 +505,8 @@ class _Tenant:
         exact = max(depth.values(), default=0)
         moved = self._moved(cids, exact, exclude)
         near = self._near(seq, exact, moved, exclude, near_radius) if near_radius > 0 else {}
-        found = self._spans(seq, exclude, chain_b) if spans else []
-        return LookupResult(exact, depth, runs, moved, deep, near, found)
+        found, cut = self._spans(seq, exclude, chain_b) if spans else ([], False)
+        return LookupResult(exact, depth, runs, moved, deep, near, found, truncated=cut)
 
     def _near(
         self,
@@ -511,7 +533,7 @@ class _Tenant:
                 continue
             seen: set[int] = set()
             for h in hits:
-                seen.update(self._mm_values(h))
+                seen.update(_mm_values(h))
             q_idx += [todo[j]] * len(seen)
             cand += seen
         if not cand:
@@ -545,49 +567,13 @@ class _Tenant:
         seq: BlockSequence,
         exclude: str | None,
         chain: np.ndarray | None = None,
-    ) -> list[SharedSpan]:
+    ) -> tuple[list[SharedSpan], bool]:
         """Maximal shared token runs of at least ``GUARANTEED_SPAN`` tokens with every
-        owner, found from common winnowing anchors and verified token by token. A run on the
-        query's own prefix diagonal that starts at token 0 is the exact prefix, not moved."""
-        q = seq.all_tokens
-        pos, hashes = winnow(q)
-        bs = seq.block_size
-        deep = 0 if chain is None else chain.size
-        groups: dict[tuple[int, int], int] = {}
-        for p, h in zip(pos.tolist(), hashes.tolist(), strict=True):
-            cur = self.anchors.get(h)
-            if cur is None:
-                continue
-            if isinstance(cur, int):
-                cur = {cur & 0xFFFFFFFF: {cur >> 32}}
-            for op, owners in cur.items():
-                if op == p and (p + ANCHOR_K - 1) // bs < deep:
-                    # owners holding the query's chain through this anchor: the anchor only
-                    # leads back to their exact prefix run, so skip them in one set difference
-                    owners = owners - self._sorted_owners(int(chain[(p + ANCHOR_K - 1) // bs]))[0]
-                for oid in owners:
-                    groups.setdefault((oid, p - op), p)
-        out: list[SharedSpan] = []
-        names = self.owner_name
-        cache: dict[int, np.ndarray] = {}
-        for oid, diag in sorted(groups):
-            name = names[oid]
-            if is_excluded(name, exclude):
-                continue
-            o = cache.get(oid)
-            if o is None:
-                o = cache[oid] = self.owner_tokens(oid)
-            a, b = max(0, diag), min(q.size, o.size + diag)
-            if b - a < GUARANTEED_SPAN:
-                continue
-            eq = q[a:b] == o[a - diag : b - diag]
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], eq.view(np.int8), [0]))))
-            for s_, e_ in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
-                start = a + s_
-                if e_ - s_ >= GUARANTEED_SPAN and not (diag == 0 and start == 0):
-                    out.append(SharedSpan(name, start, start - diag, e_ - s_))
-        out.sort(key=lambda sp: (-sp.length, sp.owner, sp.query_start, sp.owner_start))
-        return out
+        owner, at any alignment, within the span budget: (spans, truncated). See ``spans``."""
+        chain = np.zeros(0, dtype=np.int32) if chain is None else chain
+        return span_search(
+            self, seq.all_tokens, chain, self._root(seq), exclude, self.budget
+        )
 
     def _moved(
         self, cids: np.ndarray, exact: int, exclude: str | None
@@ -659,25 +645,22 @@ class _Tenant:
             # int keys and values (~32 B each) plus the sets of shared keys
             similar += sys.getsizeof(table) + 64 * len(table)
             similar += sum(sys.getsizeof(v) for v in table.values() if not isinstance(v, int))
-        similar += sys.getsizeof(self.anchors) + 64 * len(self.anchors)
-        for v in self.anchors.values():
-            if not isinstance(v, int):
-                similar += sys.getsizeof(v) + sum(sys.getsizeof(o) + 32 for o in v.values())
-        similar += sum(a.nbytes + 112 for a in self.owner_anchors.values() if a is not None)
+        similar += self.postings.nbytes()
         return exact, content, similar
 
 
 class MemoryIndex(BlockIndex):
     """In-process index: the embedded default. See the module docstring for the layout."""
 
-    def __init__(self, block_size: int = 16):
+    def __init__(self, block_size: int = 16, span_budget: SpanBudget | None = None):
         self.block_size = block_size
+        self.span_budget = span_budget or SpanBudget()
         self._tenants: dict[str, _Tenant] = {}
 
     def _tenant(self, tenant: str, create: bool = False) -> _Tenant | None:
         t = self._tenants.get(tenant)
         if t is None and create:
-            t = self._tenants[tenant] = _Tenant(self.block_size)
+            t = self._tenants[tenant] = _Tenant(self.block_size, self.span_budget)
         return t
 
     def validate(self, tenant: str, seq: BlockSequence) -> None:

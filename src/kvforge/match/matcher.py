@@ -298,6 +298,7 @@ class SyncMatcher:
             moved_tokens=moved_tokens,
             recompute_tokens=math.ceil(moved_tokens * self.recompute_ratio),
             degraded=hit.degraded,
+            truncated=hit.truncated,
         )
 
     def _breaks(self, key: str, seq: BlockSequence, hit: LookupResult) -> dict[str, int]:

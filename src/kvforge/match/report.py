@@ -87,6 +87,9 @@ class MatchReport:
     moved_tokens: int = 0  # query tokens (outside the exact prefix) inside some moved span/block
     recompute_tokens: int = 0  # CacheBlend-style budget to reuse them (recompute_ratio of them)
     degraded: bool = False  # the shared index was unreachable: nothing is claimed reusable
+    # the moved-span search stopped at its work budget (low-entropy or hugely repeated
+    # content): ``moved_spans`` may miss some; everything listed is still verified
+    truncated: bool = False
 
     @property
     def exact_blocks(self) -> int:
@@ -122,6 +125,7 @@ class MatchReport:
             "moved_tokens": self.moved_tokens,
             "recompute_tokens": self.recompute_tokens,
             "degraded": self.degraded,
+            "truncated": self.truncated,
         }
         d["exact_blocks"] = self.exact_blocks
         d["moved_blocks"] = self.moved_blocks

@@ -1,0 +1,465 @@
+"""Moved spans over the block tree: anchors posted per chain block, each run verified once for
+the whole class of owners that share its path, and a work budget that bounds every query.
+
+**Postings.** Winnowing (see ``anchors``) selects, in every window of ``ANCHOR_W`` k-grams, the
+rightmost minimal k-gram. A window's content is fixed by the path to the chain block holding its
+last token, so the windows of a prompt are partitioned by that block: a chain block posts the
+anchors of the windows that end in it. The union over an owner's path is exactly the owner's
+winnowed anchor set, so the completeness guarantee (a shared run of ``GUARANTEED_SPAN`` tokens
+always holds a common anchor at the same offset) carries over, while a block shared by 2,000
+owners posts its anchors once. Postings are a pure function of the block: added when the block
+is created, removed (recomputed from the same tokens) when it is freed.
+
+**Stop-words.** An anchor hash keeps at most ``SpanBudget.max_postings`` postings and counts
+the rest; a query that meets such a hash (low-entropy text: ``"a " * 16384``, table rules)
+uses what is kept and reports ``truncated``.
+
+**Search.** Every (query anchor, posting) pair gives a candidate: a chain block, an owner
+position and a diagonal. A candidate on diagonal 0 whose path agrees with the query from token
+0 up to the anchor is the exact prefix, never a moved span, and is dropped in one vectorized
+pass (this is what a prompt sharing a system prompt with thousands of owners meets). Each other
+candidate is extended left and right along one representative owner's tokens; the run's left
+end is shared by every owner through the block that holds it, and the owners that leave the
+representative's path before the run's right end are enumerated through the tree's children,
+each branch extended once. A run is keyed by (block, left end, diagonal): no run is verified
+twice, and each owner's runs are derived from its class at the end.
+
+Invariant: without truncation the result equals brute force over every owner's tokens (every
+maximal run of >= ``GUARANTEED_SPAN`` equal tokens on a diagonal, but the prefix run at (0, 0)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from kvforge.index.anchors import ANCHOR_K, ANCHOR_W, GUARANTEED_SPAN, kgram_hashes, winnow
+from kvforge.index.base import SharedSpan, is_excluded
+
+# tokens before a window's last token that the window covers
+WINDOW_CONTEXT = ANCHOR_K + ANCHOR_W - 2
+_POS_MASK = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class SpanBudget:
+    """Bounds on the moved-span search. Beyond any of them the search stops early and the
+    report says ``truncated``; within them it is exact."""
+
+    max_postings: int = 512  # kept per anchor hash (a stop-word beyond)
+    max_pairs: int = 32_768  # (query anchor, posting) pairs examined per query
+    max_pairs_per_hash: int = 2_048  # of which from one anchor hash (repeats in the query)
+    max_runs: int = 2_048  # runs verified per query (classes of owners on one diagonal)
+    max_tokens: int = 2_000_000  # tokens compared per query
+    max_spans: int = 4_096  # spans reported per query
+    max_spans_per_owner: int = 256
+
+
+def node_anchors(
+    tokens: np.ndarray, base_block: int, first_block: int, bs: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Anchors posted by blocks ``>= first_block`` of a prompt.
+
+    ``tokens`` are the prompt's flat tokens from block ``base_block`` on (it must start at least
+    ``WINDOW_CONTEXT`` tokens before ``first_block``, or at token 0). Returns (hashes, absolute
+    token positions, block index of the window's last token), one row per distinct
+    (block, position)."""
+    empty = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0, np.int64)
+    h = kgram_hashes(tokens)
+    nwin = h.size - ANCHOR_W + 1
+    if nwin <= 0:
+        return empty
+    start = base_block * bs
+    win = sliding_window_view(h, ANCHOR_W)[:, ::-1]  # reversed: argmin is the rightmost min
+    rel = np.arange(nwin) + (ANCHOR_W - 1 - np.argmin(win, axis=1))
+    end_block = (np.arange(nwin) + start + WINDOW_CONTEXT) // bs
+    keep = end_block >= first_block
+    rel, end_block = rel[keep], end_block[keep]
+    if rel.size == 0:
+        return empty
+    # windows come in order: (block, position) pairs repeat only consecutively
+    fresh = np.ones(rel.size, dtype=bool)
+    fresh[1:] = (rel[1:] != rel[:-1]) | (end_block[1:] != end_block[:-1])
+    rel, end_block = rel[fresh], end_block[fresh]
+    return h[rel], rel + start, end_block
+
+
+class AnchorPostings:
+    """anchor hash -> postings ``block << 32 | position``: one int, or a set once shared.
+
+    At most ``cap`` postings are kept per hash; ``omitted[h]`` counts the others (they are
+    still owed a removal). A hash with ``omitted[h] > 0`` is a stop-word: a query meeting it
+    searches only the kept postings and reports truncation."""
+
+    __slots__ = ("cap", "omitted", "post")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.post: dict[int, int | set[int]] = {}
+        self.omitted: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.post)
+
+    def add(self, hashes: Iterable[int], packed: Iterable[int]) -> None:
+        post, cap = self.post, self.cap
+        for h, v in zip(hashes, packed, strict=True):
+            cur = post.get(h)
+            if cur is None:
+                post[h] = v
+            elif isinstance(cur, int):
+                post[h] = {cur, v}
+            elif len(cur) < cap:
+                cur.add(v)
+            else:
+                self.omitted[h] = self.omitted.get(h, 0) + 1
+
+    def remove(self, hashes: Iterable[int], packed: Iterable[int]) -> None:
+        post, omitted = self.post, self.omitted
+        for h, v in zip(hashes, packed, strict=True):
+            cur = post.get(h)
+            if isinstance(cur, int) and cur == v:
+                del post[h]
+            elif isinstance(cur, set) and v in cur:
+                cur.discard(v)
+                if len(cur) == 1:
+                    post[h] = cur.pop()
+            else:  # never stored: it was one of the omitted
+                left = omitted.get(h, 0) - 1
+                if left > 0:
+                    omitted[h] = left
+                else:
+                    omitted.pop(h, None)
+
+    def nbytes(self) -> int:
+        import sys
+
+        size = sys.getsizeof(self.post) + 64 * len(self.post) + sys.getsizeof(self.omitted)
+        size += sum(sys.getsizeof(v) for v in self.post.values() if not isinstance(v, int))
+        return size
+
+
+class BlockTree(Protocol):
+    """What the search reads of a tenant's exact index (see ``memory._Tenant``)."""
+
+    bs: int
+    b_parent: np.ndarray
+    b_depth: np.ndarray
+    b_content: np.ndarray
+    b_owner: np.ndarray
+    b_nown: np.ndarray
+    c_tokens: np.ndarray
+    owner_blocks: dict[int, np.ndarray]
+    owner_name: dict[int, str]
+    postings: AnchorPostings
+
+    def owners_of(self, b: int) -> Any: ...
+
+    def leaving(self, b: int, stay: int) -> tuple[list[int], list[int]]: ...
+
+    def owner_tokens(self, oid: int) -> np.ndarray: ...
+
+
+class _Stop(Exception):
+    """A budget ran out."""
+
+
+class SpanSearch:
+    """One query's moved-span search (build one per lookup)."""
+
+    def __init__(
+        self,
+        tree: BlockTree,
+        q: np.ndarray,
+        chain: np.ndarray,
+        root: int | None,
+        exclude: str | None,
+        budget: SpanBudget,
+    ) -> None:
+        self.t = tree
+        self.q = q
+        self.chain = chain
+        self.root = root
+        self.exclude = exclude
+        self.budget = budget
+        self.truncated = False
+        self._tokens_left = budget.max_tokens
+        self._runs_left = budget.max_runs
+        self._toks: dict[int, np.ndarray] = {}
+        self._seen: set[tuple[int, int, int]] = set()  # (block at the left end, left end, diag)
+        # per diagonal, the path segments already walked: (rep, first depth, last depth,
+        # left, right)
+        self._covered: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        self._per_owner: dict[int, int] = {}
+        self._full = 0  # owners at their span cap
+        self.out: list[SharedSpan] = []
+
+    # ---- candidates ---------------------------------------------------------------------
+    def _candidates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query position, chain block, owner position) of every anchor pair, bounded."""
+        pos, hashes = winnow(self.q)
+        post, omitted = self.t.postings.post, self.t.postings.omitted
+        ps: list[int] = []
+        arrs: list[np.ndarray] = []
+        memo: dict[int, np.ndarray] = {}
+        per_hash: dict[int, int] = {}
+        pairs = 0
+        cap = self.budget.max_pairs_per_hash
+        for p, h in zip(pos.tolist(), hashes.tolist(), strict=True):
+            cur = post.get(h)
+            if cur is None:
+                continue
+            if h in omitted:
+                self.truncated = True
+            arr = memo.get(h)
+            if arr is None:
+                arr = memo[h] = (
+                    np.array([cur], dtype=np.int64)
+                    if isinstance(cur, int)
+                    else np.fromiter(cur, dtype=np.int64, count=len(cur))
+                )
+            used = per_hash.get(h, 0) + arr.size
+            if used > cap:  # the same anchor all over the query: low-entropy text
+                self.truncated = True
+                continue
+            per_hash[h] = used
+            pairs += arr.size
+            if pairs > self.budget.max_pairs:
+                self.truncated = True
+                break
+            ps.append(p)
+            arrs.append(arr)
+        if not arrs:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z, z
+        packed = np.concatenate(arrs)
+        qpos = np.repeat(np.asarray(ps, dtype=np.int64), [a.size for a in arrs])
+        return qpos, packed >> 32, packed & _POS_MASK
+
+    def _prefix_agreement(self, nodes: np.ndarray) -> np.ndarray:
+        """Tokens from 0 on which each block's path agrees with the query: exact where the
+        path leaves the query's chain within a few blocks of the block, else 0 (unknown)."""
+        t, chain, bs = self.t, self.chain, self.t.bs
+        deep = chain.size
+        qpad = np.concatenate([self.q.astype(np.int64), np.full(bs, -1, dtype=np.int64)])
+        agree = np.zeros(nodes.size, dtype=np.int64)
+        todo = np.arange(nodes.size)
+        x = nodes.astype(np.int64)
+        for _ in range(2 + WINDOW_CONTEXT // bs):
+            if todo.size == 0:
+                break
+            dep = t.b_depth[x].astype(np.int64)
+            par = t.b_parent[x].astype(np.int64)
+            if deep:
+                on = (dep < deep) & (chain[np.minimum(dep, deep - 1)] == x)
+                above = chain[np.clip(dep - 1, 0, deep - 1)]
+                par_on = ~on & (dep >= 1) & (dep <= deep) & (par == above)
+            else:
+                on = np.zeros(todo.size, dtype=bool)
+                par_on = np.zeros(todo.size, dtype=bool)
+            if self.root is not None:
+                par_on |= (dep == 0) & (par == self.root)
+            agree[todo[on]] = (dep[on] + 1) * bs
+            if par_on.any():
+                qt = qpad[dep[par_on, None] * bs + np.arange(bs)]
+                same = t.c_tokens[t.b_content[x[par_on]]] == qt
+                lcp = np.where(same.all(axis=1), bs, np.argmin(same, axis=1))
+                agree[todo[par_on]] = dep[par_on] * bs + lcp
+            # the path left the query's chain further up: continue with the parent
+            up = ~on & ~par_on & (dep >= 1)
+            todo, x = todo[up], par[up]
+        return agree
+
+    # ---- verification -------------------------------------------------------------------
+    def _owner_toks(self, oid: int) -> np.ndarray:
+        o = self._toks.get(oid)
+        if o is None:
+            o = self._toks[oid] = self.t.owner_tokens(oid)
+        return o
+
+    def _spend(self, n: int) -> None:
+        self._tokens_left -= n
+        if self._tokens_left < 0:
+            raise _Stop
+
+    def _extend_left(self, o: np.ndarray, op: int, d: int) -> int:
+        """First owner position of the run of equal tokens that ends at ``op`` (exclusive)."""
+        q = self.q
+        floor = max(0, -d)
+        hi, step = op, 64
+        while hi > floor:
+            lo = max(floor, hi - step)
+            self._spend(hi - lo)
+            eq = q[lo + d : hi + d] == o[lo:hi]
+            if not eq.all():
+                return lo + int(np.flatnonzero(~eq)[-1]) + 1
+            hi, step = lo, step * 4
+        return floor
+
+    def _extend_right(self, o: np.ndarray, start: int, d: int) -> int:
+        """End (exclusive, owner position) of the run of equal tokens from ``start``."""
+        q = self.q
+        ceil = min(o.size, q.size - d)
+        lo, step = start, 64
+        while lo < ceil:
+            hi = min(ceil, lo + step)
+            self._spend(hi - lo)
+            eq = q[lo + d : hi + d] == o[lo:hi]
+            if not eq.all():
+                return lo + int(np.argmin(eq))
+            lo, step = hi, step * 4
+        return lo
+
+    def _emit(self, oid: int, left: int, right: int, d: int) -> None:
+        if right - left < GUARANTEED_SPAN or (d == 0 and left == 0):
+            return
+        name = self.t.owner_name[oid]
+        if is_excluded(name, self.exclude):
+            return
+        n = self._per_owner.get(oid, 0)
+        if n >= self.budget.max_spans_per_owner or len(self.out) >= self.budget.max_spans:
+            self.truncated = True
+            if len(self.out) >= self.budget.max_spans:
+                raise _Stop
+            return
+        self._per_owner[oid] = n + 1
+        if n + 1 == self.budget.max_spans_per_owner:
+            self._full += 1
+            if self._full == len(self.t.owner_blocks):  # nobody can get another span
+                raise _Stop
+        self.out.append(SharedSpan(name, left + d, left, right - left))
+
+    def _emit_all(self, b: int, left: int, right: int, d: int) -> None:
+        if right - left < GUARANTEED_SPAN or (d == 0 and left == 0):
+            return
+        for oid in self.t.owners_of(b):
+            self._emit(oid, left, right, d)
+
+    def _walk(self, rep: int, first: int, left: int, right: int, d: int) -> None:
+        """Emit the run ``[left, right)`` (on ``rep``'s path) for every owner through
+        ``rep``'s block at depth ``first``; owners that leave the path before ``right`` are
+        followed into their own branch."""
+        t, bs = self.t, self.t.bs
+        path = t.owner_blocks[rep]
+        last = (right - 1) // bs
+        q_end = self.q.size - d  # owner position where the query ends on this diagonal
+        if last < first:  # the branch's first block already mismatches
+            self._emit_all(int(path[first]), left, right, d)
+            return
+        self._covered.setdefault(d, []).append((rep, first, last, left, right))
+        # owners leave the path only where its owner count drops (sets shrink along a chain)
+        nown = t.b_nown[path[first : last + 2]]
+        drops = (np.flatnonzero(nown[:-1] != nown[1:]) + first).tolist()
+        if not drops or drops[-1] != last:
+            drops.append(last)
+        for x in drops:
+            node = int(path[x])
+            boundary = (x + 1) * bs
+            if x < last:
+                stay = int(path[x + 1])
+            elif right == boundary and right < q_end:
+                # the run stops at the block's end: owners continuing into other children may
+                # extend it (rep's own next block mismatches, or rep ends here)
+                stay = int(path[x + 1]) if x + 1 < path.size else -1
+            else:
+                self._emit_all(node, left, right, d)
+                return
+            ends, branches = t.leaving(node, stay)
+            for oid in ends:
+                self._emit(oid, left, boundary, d)
+            for child in branches:
+                self._branch(child, left, boundary, d)
+            if x == last:
+                if stay >= 0:
+                    self._emit_all(stay, left, right, d)
+                return
+
+    def _branch(self, child: int, left: int, start: int, d: int) -> None:
+        """Owners through ``child`` agree with the query on ``[left, start)``: extend into it."""
+        self._runs_left -= 1
+        if self._runs_left < 0:
+            raise _Stop
+        rep = int(self.t.b_owner[child])
+        right = self._extend_right(self._owner_toks(rep), start, d)
+        self._walk(rep, start // self.t.bs, left, right, d)
+
+    def _is_covered(self, b: int, op: int, d: int) -> bool:
+        """Whether a walked run on diagonal ``d`` passed through block ``b`` and holds the
+        anchor ``[op, op + K)``: then every owner's run through it is already emitted."""
+        segs = self._covered.get(d)
+        if not segs:
+            return False
+        t = self.t
+        depth = int(t.b_depth[b])
+        end = op + ANCHOR_K
+        for rep, first, last, lo, hi in segs:
+            if first <= depth <= last and lo <= op and end <= hi:
+                if int(t.owner_blocks[rep][depth]) == b:
+                    return True
+        return False
+
+    def run(self) -> list[SharedSpan]:
+        if self.q.size < GUARANTEED_SPAN or not self.t.owner_blocks:
+            return []
+        qpos, nodes, opos = self._candidates()
+        diag = qpos - opos
+        if nodes.size:
+            # diagonal 0 back to token 0 is the exact prefix run (never a moved span)
+            zero = np.flatnonzero(diag == 0)
+            if zero.size:
+                agree = self._prefix_agreement(nodes[zero])
+                drop = zero[qpos[zero] + ANCHOR_K <= agree]
+                keep = np.ones(nodes.size, dtype=bool)
+                keep[drop] = False
+                qpos, nodes, opos, diag = qpos[keep], nodes[keep], opos[keep], diag[keep]
+            order = np.lexsort((diag, qpos))
+            qpos, nodes, opos, diag = qpos[order], nodes[order], opos[order], diag[order]
+        t, bs = self.t, self.t.bs
+        try:
+            for p, b, op, d in zip(
+                qpos.tolist(), nodes.tolist(), opos.tolist(), diag.tolist(), strict=True
+            ):
+                if self._is_covered(b, op, d):
+                    continue
+                rep = int(t.b_owner[b])
+                o = self._owner_toks(rep)
+                self._spend(ANCHOR_K)
+                if not (self.q[p : p + ANCHOR_K] == o[op : op + ANCHOR_K]).all():
+                    continue  # a k-gram hash collision
+                left = self._extend_left(o, op, d)
+                key = (int(t.owner_blocks[rep][left // bs]), left, d)
+                if key in self._seen:
+                    continue
+                self._seen.add(key)
+                self._runs_left -= 1
+                if self._runs_left < 0:
+                    raise _Stop
+                # a run too short for ``rep`` may still be long for owners that branch off
+                # its path: the walk follows them
+                right = self._extend_right(o, op + ANCHOR_K, d)
+                self._walk(rep, left // bs, left, right, d)
+        except _Stop:
+            self.truncated = True
+        self.out.sort(key=lambda sp: (-sp.length, sp.owner, sp.query_start, sp.owner_start))
+        return self.out
+
+
+def search(
+    tree: BlockTree,
+    q: np.ndarray,
+    chain: np.ndarray,
+    root: int | None,
+    exclude: str | None,
+    budget: SpanBudget,
+    _hook: Callable[[SpanSearch], None] | None = None,
+) -> tuple[list[SharedSpan], bool]:
+    """Moved spans of query tokens ``q`` (see the module docstring); returns (spans,
+    truncated)."""
+    s = SpanSearch(tree, q, chain, root, exclude, budget)
+    if _hook is not None:
+        _hook(s)
+    return s.run(), s.truncated
