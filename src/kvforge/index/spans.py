@@ -397,9 +397,13 @@ class SpanSearch:
         depth = int(t.b_depth[b])
         end = op + ANCHOR_K
         for rep, first, last, lo, hi in segs:
-            if first <= depth <= last and lo <= op and end <= hi:
-                if int(t.owner_blocks[rep][depth]) == b:
-                    return True
+            if (
+                first <= depth <= last
+                and lo <= op
+                and end <= hi
+                and t.owner_blocks[rep][depth] == b
+            ):
+                return True
         return False
 
     def run(self) -> list[SharedSpan]:
