@@ -50,12 +50,11 @@ class _Snapshot(msgspec.Struct):
 
 def save_snapshot(matcher: SyncMatcher, path: str | Path) -> int:
     """Write the matcher's index to ``path`` atomically; returns the number of owners."""
-    with matcher._lock:  # a consistent cut: no write interleaves with the export
-        owners = [
-            _Owner(r.tenant, r.info.owner, r.info.num_tokens, r.info.cache_salt,
-                   r.info.lora_name, r.namespace, r.tokens.astype("<u4").tobytes())
-            for r in matcher.index.export()
-        ]  # fmt: skip
+    owners = [
+        _Owner(r.tenant, r.info.owner, r.info.num_tokens, r.info.cache_salt,
+               r.info.lora_name, r.namespace, r.tokens.astype("<u4").tobytes())
+        for r in matcher.export()
+    ]  # fmt: skip
     body = msgspec.msgpack.encode(_Snapshot(1, matcher.block_size, matcher.hash_algo, owners))
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
@@ -101,7 +100,7 @@ def load_snapshot(matcher: SyncMatcher, path: str | Path) -> int:
         seqs.append((o.tenant, o.owner, seq, info))
     for tenant, owner, seq, info in seqs:
         seq.chain_keys  # noqa: B018 - hash outside the lock
-        with matcher._lock:
+        with matcher.tenant_lock(tenant):
             matcher.index.put(tenant, owner, seq, info)
     return len(seqs)
 

@@ -117,8 +117,9 @@ class IndexStats:
 
 
 class BlockIndex(ABC):
-    """Per-tenant block ownership. Implementations need not be thread-safe: ``Matcher``
-    serializes calls. Costs below are for the in-memory backend."""
+    """Per-tenant block ownership. Implementations guard their own structures, and calls on
+    different tenants must not wait for each other's work; ``SyncMatcher`` serializes the
+    calls of one tenant. Costs below are for the in-memory backend."""
 
     @abstractmethod
     def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
@@ -167,9 +168,13 @@ class BlockIndex(ABC):
     def stats(self) -> IndexStats: ...
 
     @abstractmethod
-    def export(self) -> Iterator[OwnerRecord]:
-        """Every owner's indexed prompt (what ``put`` needs to rebuild the index elsewhere).
-        O(index); for snapshots."""
+    def tenants(self) -> list[str]:
+        """Tenants holding at least one owner."""
+
+    @abstractmethod
+    def export(self, tenant: str | None = None) -> Iterator[OwnerRecord]:
+        """Every owner's indexed prompt (what ``put`` needs to rebuild the index elsewhere), of
+        one tenant or all. O(index); for snapshots."""
 
     def health(self) -> dict[str, object]:
         """The backend's link state and failure counters (nothing to report in memory)."""

@@ -18,8 +18,10 @@ content all agree, so a 64-bit key collision can never produce a false "exact".
 from __future__ import annotations
 
 import sys
+import threading
 from bisect import bisect_right
 from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import pairwise
 from typing import Any
 
@@ -111,6 +113,7 @@ def _mm_values(cur: int | set[int] | None) -> tuple[int, ...] | set[int]:
 class _Tenant:
     def __init__(self, block_size: int, budget: SpanBudget | None = None) -> None:
         budget = budget or SpanBudget()
+        self.lock = threading.Lock()
         self.bs = block_size
         self.chain = U64Table()
         self.content = U64Table()
@@ -218,13 +221,34 @@ class _Tenant:
             if i == n:
                 break
             prev = int(bids[i - 1]) if i else root
-            b = self._child(prev, int(cids[i]), i, seq)
+            c = int(cids[i])
+            if c >= 0 and len(self.content_blocks.get(c, ())) > 32:
+                # repeated content (held by many chains): hash the rest of the query once and
+                # verify it in one vectorized pass, rather than one probe per block
+                return bids, self._hashed_rest(seq, cids, bids, i, prev)
+            b = self._child(prev, c, i, seq)
             if b < 0:
                 break
             bids[i] = b
             prev = b
             i += 1
         return bids, i
+
+    def _hashed_rest(
+        self, seq: BlockSequence, cids: np.ndarray, bids: np.ndarray, i: int, prev: int
+    ) -> int:
+        """Verify blocks ``[i, n)`` by chain key (key, parent and content agree); fills
+        ``bids`` and returns the verified prefix length."""
+        got = self.chain.get(seq.chain_keys[i:])
+        g = np.where(got >= 0, got, 0)
+        parents = np.empty(got.size, dtype=np.int32)
+        parents[0] = prev
+        parents[1:] = got[:-1]
+        ok = (got >= 0) & (cids[i:] >= 0) & (self.b_content[g] == cids[i:])
+        ok &= self.b_parent[g] == parents
+        run = int(np.argmin(ok)) if not ok.all() else got.size
+        bids[i : i + run] = got[:run]
+        return i + run
 
     def _child(self, parent: int, c: int, depth: int, seq: BlockSequence) -> int:
         """The chain block under ``parent`` whose content is ``c``, or -1."""
@@ -441,6 +465,32 @@ class _Tenant:
             for table, key in zip(self.near, row, strict=True):
                 _mm_discard(table, key, cid)
 
+    def closest_owner(self, first_block: np.ndarray, exclude: str | None) -> str | None:
+        """The owner whose block 0 shares the longest token prefix with ``first_block``; ties
+        to the smallest name. Compares the distinct block-0 contents (the roots' children),
+        not every owner."""
+        heads: list[int] = []
+        for ns in self.namespaces.values():
+            heads += _mm_values(self.children.get(-1 - ns))
+        if not heads:
+            return None
+        h = np.asarray(heads, dtype=np.int64)
+        same = self.c_tokens[self.b_content[h]] == np.asarray(first_block, dtype=np.uint32)
+        lcp = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
+        names = self.owner_name
+        for best in sorted(set(lcp.tolist()), reverse=True):
+            if best == 0:
+                return None
+            found = [
+                names[o]
+                for b in h[lcp == best].tolist()
+                for o in self.owners_of(b)
+                if not is_excluded(names[o], exclude)
+            ]
+            if found:
+                return min(found)
+        return None
+
     def owner_tokens(self, oid: int) -> np.ndarray:
         """The owner's indexed tokens (its full blocks), rebuilt from the content store."""
         return self.c_tokens[self.b_content[self.owner_blocks[oid]]].ravel()
@@ -571,9 +621,7 @@ class _Tenant:
         """Maximal shared token runs of at least ``GUARANTEED_SPAN`` tokens with every
         owner, at any alignment, within the span budget: (spans, truncated). See ``spans``."""
         chain = np.zeros(0, dtype=np.int32) if chain is None else chain
-        return span_search(
-            self, seq.all_tokens, chain, self._root(seq), exclude, self.budget
-        )
+        return span_search(self, seq.all_tokens, chain, self._root(seq), exclude, self.budget)
 
     def _moved(
         self, cids: np.ndarray, exact: int, exclude: str | None
@@ -650,32 +698,66 @@ class _Tenant:
 
 
 class MemoryIndex(BlockIndex):
-    """In-process index: the embedded default. See the module docstring for the layout."""
+    """In-process index: the embedded default. See the module docstring for the layout.
+
+    Thread-safe per tenant: every call on a tenant holds that tenant's lock only, so a long
+    lookup of one tenant never delays another's; ``stats`` and ``export`` take each tenant's
+    lock in turn (a consistent cut per tenant)."""
 
     def __init__(self, block_size: int = 16, span_budget: SpanBudget | None = None):
         self.block_size = block_size
         self.span_budget = span_budget or SpanBudget()
         self._tenants: dict[str, _Tenant] = {}
+        self._create = threading.Lock()
 
-    def _tenant(self, tenant: str, create: bool = False) -> _Tenant | None:
-        t = self._tenants.get(tenant)
-        if t is None and create:
-            t = self._tenants[tenant] = _Tenant(self.block_size, self.span_budget)
-        return t
+    @contextmanager
+    def _use(self, tenant: str, create: bool = False) -> Iterator[_Tenant | None]:
+        """The tenant's structures, under its lock (None when unknown and not created)."""
+        while True:
+            t = self._tenants.get(tenant)
+            if t is None and create:
+                with self._create:
+                    t = self._tenants.get(tenant)
+                    if t is None:
+                        t = self._tenants[tenant] = _Tenant(self.block_size, self.span_budget)
+            if t is None:
+                yield None
+                return
+            with t.lock:
+                if self._tenants.get(tenant) is t:  # not dropped while we waited
+                    yield t
+                    return
+
+    def _tenant(self, tenant: str) -> _Tenant | None:
+        """Unlocked access, for callers already inside ``_use``."""
+        return self._tenants.get(tenant)
+
+    def tenants(self) -> list[str]:
+        return list(self._tenants)
 
     def validate(self, tenant: str, seq: BlockSequence) -> None:
         """Raise what ``put`` would raise for ``seq``, changing nothing."""
-        t = self._tenant(tenant)
-        if t is not None:
-            t.validate(seq)
+        with self._use(tenant) as t:
+            if t is not None:
+                t.validate(seq)
 
     def drop_tenant(self, tenant: str) -> None:
         """Forget everything the tenant indexed."""
-        self._tenants.pop(tenant, None)
+        with self._use(tenant) as t:
+            if t is not None:
+                del self._tenants[tenant]
 
     def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
-        t = self._tenant(tenant, create=True)
-        assert t is not None
+        with self._use(tenant, create=True) as t:
+            assert t is not None
+            try:
+                return self._put(t, owner, seq, info)
+            finally:
+                if not t.owner_id:  # a refused first prompt leaves no empty tenant behind
+                    del self._tenants[tenant]
+
+    @staticmethod
+    def _put(t: _Tenant, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
         old = t.owner_id.get(owner)
         if old is not None:
             ob = t.owner_blocks[old]
@@ -708,17 +790,17 @@ class MemoryIndex(BlockIndex):
         return PutResult(seq.num_blocks, new, shared)
 
     def remove(self, tenant: str, owner: str) -> int:
-        t = self._tenant(tenant)
-        if t is None or owner not in t.owner_id:
-            return 0
-        oid = t.owner_id.pop(owner)
-        del t.owner_name[oid]
-        t.owner_info.pop(oid, None)
-        n = t.remove(oid)
-        t.o_ids.give(np.asarray([oid], dtype=np.int32))
-        if not t.owner_id:
-            del self._tenants[tenant]
-        return n
+        with self._use(tenant) as t:
+            if t is None or owner not in t.owner_id:
+                return 0
+            oid = t.owner_id.pop(owner)
+            del t.owner_name[oid]
+            t.owner_info.pop(oid, None)
+            n = t.remove(oid)
+            t.o_ids.give(np.asarray([oid], dtype=np.int32))
+            if not t.owner_id:
+                del self._tenants[tenant]
+            return n
 
     def lookup(
         self,
@@ -729,83 +811,87 @@ class MemoryIndex(BlockIndex):
         near_radius: int = 0,
         spans: bool = False,
     ) -> LookupResult:
-        t = self._tenant(tenant)
-        if t is None:
-            return LookupResult(0, {}, [])
-        return t.lookup(seq, exclude, near_radius, spans)
+        with self._use(tenant) as t:
+            if t is None:
+                return LookupResult(0, {}, [])
+            return t.lookup(seq, exclude, near_radius, spans)
 
     def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:
-        t = self._tenant(tenant)
-        if t is None or owner not in t.owner_id:
-            return None
-        bids = t.owner_blocks[t.owner_id[owner]]
-        if not 0 <= block < bids.size:
-            return None
-        return t.c_tokens[t.b_content[bids[block]]].copy()
+        with self._use(tenant) as t:
+            if t is None or owner not in t.owner_id:
+                return None
+            bids = t.owner_blocks[t.owner_id[owner]]
+            if not 0 <= block < bids.size:
+                return None
+            return t.c_tokens[t.b_content[bids[block]]].copy()
 
     def closest_owner(
         self, tenant: str, first_block: np.ndarray, *, exclude: str | None = None
     ) -> str | None:
-        t = self._tenant(tenant)
-        if t is None:
-            return None
-        oids = [
-            o
-            for o, b in t.owner_blocks.items()
-            if b.size and not is_excluded(t.owner_name[o], exclude)
-        ]
-        if not oids:
-            return None
-        heads = np.asarray([t.owner_blocks[o][0] for o in oids], dtype=np.int32)
-        same = t.c_tokens[t.b_content[heads]] == np.asarray(first_block, dtype=np.uint32)
-        lcp = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
-        best = int(lcp.max())
-        if best == 0:
-            return None
-        return min(t.owner_name[oids[i]] for i in np.flatnonzero(lcp == best))
+        with self._use(tenant) as t:
+            return None if t is None else t.closest_owner(first_block, exclude)
 
     def owner_info(self, tenant: str, owner: str) -> OwnerInfo | None:
-        t = self._tenant(tenant)
-        if t is None or owner not in t.owner_id:
-            return None
-        return t.owner_info.get(t.owner_id[owner])
+        with self._use(tenant) as t:
+            if t is None or owner not in t.owner_id:
+                return None
+            return t.owner_info.get(t.owner_id[owner])
 
     def owners(self, tenant: str) -> list[str]:
-        t = self._tenant(tenant)
-        return sorted(t.owner_id) if t else []
+        with self._use(tenant) as t:
+            return sorted(t.owner_id) if t else []
 
     def count_owners(self, tenant: str) -> int:
         t = self._tenant(tenant)
-        return len(t.owner_id) if t else 0
+        return len(t.owner_id) if t else 0  # one len(): atomic, no lock needed
 
     def count_tenants(self) -> int:
         return len(self._tenants)
 
     def num_blocks(self) -> int:
-        return sum(len(t.chain) for t in self._tenants.values())
+        return sum(len(t.chain) for t in list(self._tenants.values()))
 
-    def export(self) -> Iterator[OwnerRecord]:
-        for name, t in self._tenants.items():
-            spaces = {-1 - ns: key for key, ns in t.namespaces.items()}
-            for oid in t.owner_id.values():
-                bids = t.owner_blocks[oid]
-                info = t.owner_info[oid]
-                if bids.size == 0:
-                    yield OwnerRecord(name, info, np.zeros(0, dtype=np.uint32), ("", "", ""))
-                    continue
-                root = int(t.b_parent[bids[0]])
-                yield OwnerRecord(name, info, t.owner_tokens(oid).copy(), spaces[root])
+    def export(self, tenant: str | None = None) -> Iterator[OwnerRecord]:
+        """Every owner's record (of one tenant, or all): materialized per tenant under its
+        lock, so the caller may iterate at leisure."""
+        for name in [tenant] if tenant is not None else self.tenants():
+            with self._use(name) as t:
+                recs = [] if t is None else list(self._export(name, t))
+            yield from recs
+
+    @staticmethod
+    def _export(name: str, t: _Tenant) -> Iterator[OwnerRecord]:
+        spaces = {-1 - ns: key for key, ns in t.namespaces.items()}
+        for oid in t.owner_id.values():
+            bids = t.owner_blocks[oid]
+            info = t.owner_info[oid]
+            if bids.size == 0:
+                yield OwnerRecord(name, info, np.zeros(0, dtype=np.uint32), ("", "", ""))
+                continue
+            root = int(t.b_parent[bids[0]])
+            yield OwnerRecord(name, info, t.owner_tokens(oid).copy(), spaces[root])
 
     def stats(self) -> IndexStats:
-        ts = self._tenants.values()
-        parts = [t.nbytes() for t in ts]
+        rows = []
+        for name in self.tenants():
+            with self._use(name) as t:
+                if t is not None:
+                    rows.append(
+                        (
+                            len(t.owner_id),
+                            len(t.chain),
+                            sum(int(b.size) for b in t.owner_blocks.values()),
+                            len(t.content),
+                            t.nbytes(),
+                        )
+                    )
         return IndexStats(
-            tenants=len(self._tenants),
-            owners=sum(len(t.owner_id) for t in ts),
-            blocks=sum(len(t.chain) for t in ts),
-            owner_blocks=sum(int(b.size) for t in ts for b in t.owner_blocks.values()),
-            contents=sum(len(t.content) for t in ts),
-            nbytes=sum(sum(sizes) for sizes in parts),
-            exact_nbytes=sum(sizes[0] for sizes in parts),
-            similarity_nbytes=sum(sizes[2] for sizes in parts),
+            tenants=len(rows),
+            owners=sum(r[0] for r in rows),
+            blocks=sum(r[1] for r in rows),
+            owner_blocks=sum(r[2] for r in rows),
+            contents=sum(r[3] for r in rows),
+            nbytes=sum(sum(r[4]) for r in rows),
+            exact_nbytes=sum(r[4][0] for r in rows),
+            similarity_nbytes=sum(r[4][2] for r in rows),
         )

@@ -481,9 +481,17 @@ class RedisIndex(BlockIndex):
         return self.replica.stats()
 
     @_locked
-    def export(self) -> Iterator[OwnerRecord]:
-        self.sync_all()  # an export must be complete: raise rather than export a stale view
-        return iter(list(self.replica.export()))  # materialized under the lock
+    def tenants(self) -> list[str]:
+        return sorted(self._tenants())
+
+    @_locked
+    def export(self, tenant: str | None = None) -> Iterator[OwnerRecord]:
+        # an export must be complete: raise rather than export a stale view
+        if tenant is None:
+            self.sync_all()
+        else:
+            self.sync(tenant)
+        return iter(list(self.replica.export(tenant)))  # materialized under the lock
 
     def health(self) -> dict[str, Any]:
         return {**self.store.health(), "resyncs": self.resyncs, "applied": self.applied,

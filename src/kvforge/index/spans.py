@@ -200,44 +200,53 @@ class SpanSearch:
 
     # ---- candidates ---------------------------------------------------------------------
     def _candidates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(query position, chain block, owner position) of every anchor pair, bounded."""
+        """(query position, chain block, owner position) of every anchor pair, bounded: a hash
+        that would give more than ``max_pairs_per_hash`` pairs (the same anchor all over a
+        low-entropy query) is used at its first query positions only, and pairs stop at
+        ``max_pairs``; both set truncated."""
         pos, hashes = winnow(self.q)
+        if pos.size == 0:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z, z
         post, omitted = self.t.postings.post, self.t.postings.omitted
-        ps: list[int] = []
+        uniq, inv, occ = np.unique(hashes, return_inverse=True, return_counts=True)
         arrs: list[np.ndarray] = []
-        memo: dict[int, np.ndarray] = {}
-        per_hash: dict[int, int] = {}
-        pairs = 0
-        cap = self.budget.max_pairs_per_hash
-        for p, h in zip(pos.tolist(), hashes.tolist(), strict=True):
+        lens = np.zeros(uniq.size, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        for j, h in enumerate(uniq.tolist()):
             cur = post.get(h)
             if cur is None:
+                arrs.append(empty)
                 continue
             if h in omitted:
                 self.truncated = True
-            arr = memo.get(h)
-            if arr is None:
-                arr = memo[h] = (
-                    np.array([cur], dtype=np.int64)
-                    if isinstance(cur, int)
-                    else np.fromiter(cur, dtype=np.int64, count=len(cur))
-                )
-            used = per_hash.get(h, 0) + arr.size
-            if used > cap:  # the same anchor all over the query: low-entropy text
-                self.truncated = True
-                continue
-            per_hash[h] = used
-            pairs += arr.size
-            if pairs > self.budget.max_pairs:
-                self.truncated = True
-                break
-            ps.append(p)
-            arrs.append(arr)
-        if not arrs:
-            z = np.zeros(0, dtype=np.int64)
-            return z, z, z
-        packed = np.concatenate(arrs)
-        qpos = np.repeat(np.asarray(ps, dtype=np.int64), [a.size for a in arrs])
+            size = 1 if isinstance(cur, int) else len(cur)
+            arrs.append(
+                np.array([cur], dtype=np.int64)
+                if isinstance(cur, int)
+                else np.fromiter(cur, dtype=np.int64, count=size)
+            )
+            lens[j] = size
+        per = lens[inv]  # pairs per query anchor, in query order
+        # the rank of each query anchor among those of its hash (query order)
+        order = np.argsort(inv, kind="stable")
+        starts = np.concatenate(([0], np.cumsum(occ)[:-1]))
+        rank = np.empty(inv.size, dtype=np.int64)
+        rank[order] = np.arange(inv.size) - starts[inv[order]]
+        allowed = self.budget.max_pairs_per_hash // np.maximum(lens, 1)
+        over = (per > 0) & (rank >= allowed[inv])
+        if over.any():
+            self.truncated = True
+            per = np.where(over, 0, per)
+        hit = np.flatnonzero(per)
+        total = np.cumsum(per[hit])
+        if total.size and total[-1] > self.budget.max_pairs:
+            self.truncated = True
+            hit = hit[total <= self.budget.max_pairs]
+        if hit.size == 0:
+            return empty, empty, empty
+        packed = np.concatenate([arrs[k] for k in inv[hit].tolist()])
+        qpos = np.repeat(pos[hit].astype(np.int64), per[hit])
         return qpos, packed >> 32, packed & _POS_MASK
 
     def _prefix_agreement(self, nodes: np.ndarray) -> np.ndarray:

@@ -2,16 +2,21 @@
 ``get_shared_prefix_hash``, ``stats``, ``clear_agent``), made truthful.
 
 ``SyncMatcher`` does the work; ``Matcher`` offers the same methods as coroutines that run it on
-a worker thread. Tokenization and hashing are pure and run outside the lock; every index read
-and write happens under one lock, so concurrent callers always see a consistent index.
+a worker thread. Tokenization and hashing are pure and run outside any lock; the index reads and
+writes of one call happen under the caller's *tenant* lock, so concurrent callers of a tenant see
+a consistent index and tenants never wait for each other (a slow query of one tenant, bounded by
+the span budget, delays no other tenant).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import threading
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,33 @@ from kvforge.match.report import (
 from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
 
 DEFAULT_TENANT = "default"
+
+
+class _TenantLock:
+    __slots__ = ("__weakref__", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+class TenantLocks:
+    """One lock per tenant, alive while some call holds or waits for it (a weak registry:
+    callers inventing tenants cannot grow it)."""
+
+    def __init__(self) -> None:
+        self._registry: weakref.WeakValueDictionary[str, _TenantLock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def __call__(self, tenant: str) -> Iterator[None]:
+        with self._guard:
+            entry = self._registry.get(tenant)
+            if entry is None:
+                entry = self._registry[tenant] = _TenantLock()
+        with entry.lock:
+            yield
 MAX_AGENT_ID = 256
 
 
@@ -94,7 +126,10 @@ class SyncMatcher:
         # bounds against callers that invent agents or tenants without end (memory)
         self.max_agents_per_tenant = max_agents_per_tenant
         self.max_tenants = max_tenants
-        self._lock = threading.Lock()
+        self.tenant_lock = TenantLocks()
+        # admits new tenants one at a time, so ``max_tenants`` holds under concurrency
+        self._admit = threading.Lock()
+        self._generations = itertools.count(1)
         self.generation = 0  # bumped by every change to the index (snapshots watch it)
 
     @property
@@ -209,10 +244,15 @@ class SyncMatcher:
         lo = LoRA.coerce(lora)
         info = OwnerInfo(agent, seq.num_tokens, seq.num_blocks, cache_salt, lo.name if lo else None)
         seq.chain_keys  # noqa: B018 - hash every block here, not while holding the lock
-        with self._lock:
-            self._check_quota(key, agent)
-            put = self.index.put(key, agent, seq, info)
-            self.generation += 1
+        with self.tenant_lock(key):
+            if self.index.count_owners(key) == 0:  # a new tenant: admitted one at a time
+                with self._admit:
+                    self._check_quota(key, agent)
+                    put = self.index.put(key, agent, seq, info)
+            else:
+                self._check_quota(key, agent)
+                put = self.index.put(key, agent, seq, info)
+            self.generation = next(self._generations)
         return IndexResult(
             agent_id=agent,
             tenant=tenant,
@@ -255,7 +295,7 @@ class SyncMatcher:
     ) -> MatchReport:
         """``find_reusable_blocks`` for an already tokenized and hashed prompt."""
         key = _key or _tenant_key(tenant)
-        with self._lock:
+        with self.tenant_lock(key):
             hit = self.index.lookup(
                 key, seq, exclude=exclude_agent, near_radius=self.near_radius,
                 spans=self.find_spans,
@@ -367,7 +407,7 @@ class SyncMatcher:
     ) -> PrefixHash:
         key = _tenant_key(tenant)
         _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
-        with self._lock:
+        with self.tenant_lock(key):
             n = self.index.lookup(key, seq).deepest_hash_block
         chain = seq.chain_prefix(max(n, 1))
         return PrefixHash(
@@ -381,18 +421,26 @@ class SyncMatcher:
         """Forget the agent's prompt (only that owner); returns how many blocks it held."""
         agent = _check_agent(agent_id)
         key = _tenant_key(tenant)
-        with self._lock:
-            self.generation += 1
+        with self.tenant_lock(key):
+            self.generation = next(self._generations)
             return self.index.remove(key, agent)
 
     def agents(self, *, tenant: str | None = None) -> list[str]:
         key = _tenant_key(tenant)
-        with self._lock:
+        with self.tenant_lock(key):
             return self.index.owners(key)
 
+    def export(self) -> list[Any]:
+        """Every owner's record (``OwnerRecord``), each tenant taken as a consistent cut under
+        its lock (no write of that tenant interleaves); for snapshots."""
+        out: list[Any] = []
+        for tenant in self.index.tenants():
+            with self.tenant_lock(tenant):
+                out += self.index.export(tenant)
+        return out
+
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            s = self.index.stats()
+        s = self.index.stats()  # each backend guards its own structures
         return {
             "tenants": s.tenants,
             "agents": s.owners,
