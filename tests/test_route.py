@@ -224,6 +224,33 @@ def test_an_engine_whose_events_stop_goes_stale_and_recovers(new_residency) -> N
     assert only.route_tokens(PROMPT, now=10.0).engine == "e0"
 
 
+def test_a_dry_run_never_marks_an_engine_stale_and_stale_engines_are_probed(
+    new_residency,
+) -> None:
+    r = Router(
+        residency=new_residency(),
+        engines=[EngineConfig("e0"), EngineConfig("e1")],
+        speculative_ttl=2.0,
+        stale_after=5.0,
+    )
+    # a caller asking for advice (nothing forwarded) with made-up loads, many times
+    for t in range(0, 60, 3):
+        d = r.route_tokens(PROMPT, loads={"e0": 0, "e1": 1e9}, now=float(t), dispatch=False)
+        assert d.engine == "e0"
+    assert r.stale_engines(now=60.0) == []
+    assert r.residency.prefix_scores(_keys(PROMPT), ["e0"], now=60.0)["e0"].blocks == 0
+    # a dispatched request whose events never come: stale, then probed once per period
+    first = r.route_tokens(PROMPT, loads={"e1": 1e9}, now=100.0).engine
+    assert first == "e0" and r.stale_engines(now=106.0) == ["e0"]
+    picks = []
+    for i in range(12):
+        picks.append(r.route_tokens(PROMPT, loads={"e1": 1e9}, now=106.0 + i).engine)
+        ev = BlockStored(block_hashes=_keys(PROMPT)[:1], medium="GPU")
+        r.residency.apply("e1", KVEventBatch(0.0, [ev]))  # e1's events flow
+    assert picks.count("e0") == 2 and r.probes == 2  # probes at 111 s and 117 s, e1 otherwise
+    assert picks.index("e0") == 5
+
+
 def test_an_engine_announcing_more_than_its_pool_is_dropped() -> None:
     res = ResidencyIndex(max_blocks_per_engine=100)
     res.store("e1", list(range(10)))

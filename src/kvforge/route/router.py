@@ -187,6 +187,8 @@ class Router:
         # seconds is stale (its event stream stopped): it gets no traffic until events resume.
         self.stale_after = stale_after
         self._awaiting: dict[str, float] = {}  # engine -> first unconfirmed decision
+        self._probed: dict[str, float] = {}  # stale engine -> last time it was let through
+        self.probes = 0
         self._memos: dict[tuple[str, str | None, int], HashMemo] = {}
         for e in engines:
             key = e.hash_config()
@@ -212,16 +214,19 @@ class Router:
         engines: Sequence[str] | None = None,
         speculate: bool = True,
         now: float | None = None,
+        dispatch: bool = True,
     ) -> RouteDecision:
         """Pick an engine for ``prompt`` (text, chat messages, token ids or a tokenized prompt).
         ``loads``: per engine, e.g. KV blocks in use or queued prefill blocks (0 if absent).
-        ``lora``: the adapter name; each engine's registry supplies the path it hashes."""
+        ``lora``: the adapter name; each engine's registry supplies the path it hashes.
+        ``dispatch=False`` is a dry run (advice only, nothing is sent): it neither speculates
+        nor expects the chosen engine to publish events, so it cannot mark an engine stale."""
         tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenizer.tokenize(
             prompt, tools=tools
         )  # fmt: skip
         return self.route_tokens(
             tp.token_ids, loads=loads, cache_salt=cache_salt, lora=lora, engines=engines,
-            speculate=speculate, now=now,
+            speculate=speculate, now=now, dispatch=dispatch,
         )  # fmt: skip
 
     def route_tokens(
@@ -234,6 +239,7 @@ class Router:
         engines: Sequence[str] | None = None,
         speculate: bool = True,
         now: float | None = None,
+        dispatch: bool = True,
     ) -> RouteDecision:
         salt = validate_cache_salt(cache_salt)
         candidates = list(engines) if engines is not None else list(self.engines)
@@ -270,7 +276,7 @@ class Router:
         load = {c: float(loads.get(c, 0.0)) for c in candidates}
         mean_load = sum(load.values()) / len(load)
         limit = self.balance_rel * mean_load + self.balance_abs
-        fresh = [c for c in candidates if not self._stale(c, now)] or candidates
+        fresh = [c for c in candidates if not self._stale(c, now, probe=dispatch)] or candidates
         eligible = [c for c in fresh if load[c] <= limit] or fresh
         costs = {
             c: (seqs[c].num_blocks - scores[c]) * self.prefill_weight + load[c] * self.load_weight
@@ -289,9 +295,14 @@ class Router:
         if len(eligible) < len(fresh):
             reason += f" ({len(fresh) - len(eligible)} overloaded engines skipped)"
         seq = seqs[best]
-        if self.stale_after is not None and held[best] < seq.num_blocks:
+        if dispatch and self.stale_after is not None and held[best] < seq.num_blocks:
             self._awaiting.setdefault(best, now)  # its BlockStored event should follow
-        if speculate and self.speculative_ttl > 0 and (seq.num_hashed or seq.tree_keys):
+        if (
+            dispatch
+            and speculate
+            and self.speculative_ttl > 0
+            and (seq.num_hashed or seq.tree_keys)
+        ):
             # The blocks hashed so far (the longest held prefix plus one chunk, at least 32)
             # are enough for a sibling request with the same prefix to land here too.
             keys = seq.tree_keys or seq.keys[: seq.num_hashed]
@@ -324,14 +335,25 @@ class Router:
             out.update(walk.result())
         return out
 
-    def _stale(self, engine: str, now: float) -> bool:
+    def _stale(self, engine: str, now: float, *, probe: bool = False) -> bool:
+        """Whether the engine's events stopped. A stale engine is probed, never excluded for
+        ever: once per ``stale_after`` a dispatched decision may choose it again (if its events
+        then resume, it is fresh)."""
         since = self._awaiting.get(engine)
         if since is None or self.stale_after is None:
             return False
         if self.residency.engine(engine).last_event >= since:
             del self._awaiting[engine]  # events flow: not stale
+            self._probed.pop(engine, None)
             return False
-        return now - since > self.stale_after
+        if now - since <= self.stale_after:
+            return False
+        # the first probe one period after the engine went stale, then one per period
+        if probe and now - self._probed.get(engine, since + self.stale_after) > self.stale_after:
+            self._probed[engine] = now
+            self.probes += 1
+            return False
+        return True
 
     def stale_engines(self, now: float | None = None) -> list[str]:
         """Engines currently skipped because their KV events stopped."""

@@ -291,7 +291,9 @@ def create_app(
         if router is None:
             raise HTTPException(404, "no engines configured: start the service with engines")
         tp = m.tokenize(body.value(), tools=body.tools)
-        d = router.route(tp, loads=body.loads, cache_salt=body.cache_salt, lora=body.lora)
+        # advice only (nothing is forwarded): no speculation, no event expected of the engine
+        d = router.route(tp, loads=body.loads, cache_salt=body.cache_salt, lora=body.lora,
+                         dispatch=False)  # fmt: skip
         return {"engine": d.engine, "cached_blocks": d.cached_blocks, "num_blocks": d.num_blocks,
                 "scores": d.scores, "reason": d.reason}  # fmt: skip
 
