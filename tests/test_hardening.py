@@ -8,9 +8,24 @@ import time
 
 import numpy as np
 import pytest
+import zmq
+from fastapi.testclient import TestClient
 
 from kvforge import SyncMatcher
+from kvforge.events.publisher import EventPublisher
+from kvforge.events.schema import (
+    MAX_HASHES_PER_BATCH,
+    AllBlocksCleared,
+    BlockStored,
+    KVEventBatch,
+    MalformedEventError,
+    encode_batch,
+    validate_batch,
+)
+from kvforge.events.subscriber import EventSubscriber
 from kvforge.index.spans import SpanBudget
+from kvforge.route import EngineConfig, ResidencyIndex, Router
+from kvforge.serve import create_app
 
 PATHOLOGICAL = {
     "repeated word": "a " * 16384,
@@ -105,3 +120,111 @@ def test_a_pathological_tenant_does_not_hold_up_another() -> None:
     assert len(a_times) >= 1
     print(f"B p99 quiet {p99_quiet * 1e3:.2f} ms, busy {p99_busy * 1e3:.2f} ms; ", end="")
     print(f"A median {a_med * 1e3:.0f} ms")
+
+
+# ---- KV events ---------------------------------------------------------------------------
+
+
+def _stored(hashes: list[int], token_ids: list[int] | None = None, **kw: object) -> BlockStored:
+    return BlockStored(block_hashes=hashes, token_ids=token_ids or [], **kw)  # type: ignore[arg-type]
+
+
+def _send(pub: EventPublisher, events: list) -> None:
+    pub.publish_payload(encode_batch(KVEventBatch(time.time(), events, 0)))
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"token_ids": [1] * 15 + [1 << 32]},  # a token id outside uint32
+        {"token_ids": [1] * 16, "extra_keys": [{"a": 1}]},  # a dict in extra_keys
+    ],
+    ids=["token-id-over-uint32", "dict-extra-key"],
+)
+def test_one_bad_event_never_empties_an_engine(poison: dict, new_residency) -> None:
+    """A batch whose 2nd event is bad used to be half-applied, not advance the sequence, and
+    make the next good batch look like a gap that cleared the engine (30 blocks -> 0). Over real
+    sockets: the bad batch is refused whole, the sequence moves on, nothing is cleared."""
+    res = new_residency()
+    ctx = zmq.Context()
+    with EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*",
+                        topic="kv", context=ctx) as pub:  # fmt: skip
+        sub = EventSubscriber("e0", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
+                              topic="kv", context=ctx).start()  # fmt: skip
+        time.sleep(0.3)
+        _send(pub, [_stored(list(range(1, 31)))])  # seq 0: 30 blocks
+        assert sub.wait_for_seq(0, timeout=10)
+        _send(pub, [_stored([100]), _stored([101], **poison)])  # seq 1: poisoned
+        _send(pub, [_stored([200])])  # seq 2: fine
+        assert sub.wait_for_seq(2, timeout=10)
+        sub.stop()
+    ctx.term()
+    res.refresh()
+    blocks = res.stats()["engines"]["e0"]["GPU"]
+    assert blocks == 31  # the 30, plus seq 2's block; nothing of the bad batch
+    assert sub.stats.rejected == 1 and sub.stats.gaps == 0 and sub.stats.resyncs == 0
+
+
+def test_media_are_capped_and_clearing_stays_cheap() -> None:
+    """Every distinct medium string used to live for ever, and AllBlocksCleared cost
+    O(media x blocks) (16k media: 19.6 s)."""
+    res = ResidencyIndex()
+    res.apply("e0", KVEventBatch(0.0, [_stored(list(range(20_000)))], 0))
+    junk = [_stored([10**6 + i], medium=f"m{i}") for i in range(16_000)]
+    res.apply("e0", KVEventBatch(0.0, junk, 0))
+    assert len(res._masks) <= res.max_media and res.ignored_media_events >= 16_000 - 8
+    t0 = time.perf_counter()
+    res.apply("e0", KVEventBatch(0.0, [AllBlocksCleared()], 0))
+    assert time.perf_counter() - t0 < 2.0
+    assert res.stats()["engines"]["e0"] == {} and res._masks == {}
+
+
+def test_a_huge_batch_is_refused_before_it_is_allocated(new_residency) -> None:
+    """A 10M-hash batch took RSS from 234 to 1,556 MiB and froze routing 14 s. ZMQ refuses a
+    message over the subscriber's size cap, and a decoded batch over the per-batch caps is
+    rejected before anything is applied."""
+    res = new_residency()
+    ctx = zmq.Context()
+    with EventPublisher("tcp://127.0.0.1:*", topic="kv", context=ctx) as pub:
+        sub = EventSubscriber("e0", pub.endpoint, res, topic="kv", context=ctx,
+                              max_message_bytes=1 << 20).start()  # fmt: skip
+        time.sleep(0.3)
+        _send(pub, [_stored(list(range(1 << 40, (1 << 40) + 200_000)))])  # 1.8 MB > 1 MiB
+        time.sleep(0.3)
+        _send(pub, [_stored([7])])
+        deadline = time.monotonic() + 10
+        while sub.stats.last_seq is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # ZMQ dropped the peer's big message; the next one arrives
+        sub.stop()
+    ctx.term()
+    res.refresh()
+    assert res.stats()["engines"].get("e0", {}).get("GPU", 0) <= 1
+    over = KVEventBatch(0.0, [_stored(list(range(MAX_HASHES_PER_BATCH + 1)))], 0)
+    with pytest.raises(MalformedEventError):
+        validate_batch(over)
+
+
+def test_event_drops_are_exported_in_metrics_and_stats() -> None:
+    """The subscriber's malformed / gap / resync / restart counters existed but were not
+    exported: a flood that cleared an engine was silent."""
+    ctx = zmq.Context.instance()
+    with EventPublisher("tcp://127.0.0.1:*", topic="kv", context=ctx) as pub:
+        router = Router([EngineConfig("e0", events=pub.endpoint, topic="kv")], speculative_ttl=0)
+        with TestClient(create_app(SyncMatcher(), router=router)) as c:
+            time.sleep(0.3)
+            _send(pub, [_stored([1, 2, 3])])
+            _send(pub, [_stored([4], token_ids=[1 << 33] * 16)])  # rejected whole
+            pub._seq += 3  # three batches lost: a gap, no replay endpoint
+            _send(pub, [_stored([5])])
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                ev = c.get("/v1/stats").json()["events"]["e0"]
+                if ev["last_seq"] == 5:
+                    break
+                time.sleep(0.05)
+            assert ev["rejected"] == 1 and ev["gaps"] == 1 and ev["applied"] == 2, ev
+            text = c.get("/metrics").text
+    assert 'kvforge_engine_events_rejected_total{engine="e0"} 1.0' in text
+    assert 'kvforge_engine_events_gaps_total{engine="e0"} 1.0' in text
+    assert 'kvforge_engine_events_resyncs_total{engine="e0"} 1.0' in text
+    assert "kvforge_residency_ignored_media_events_total 0.0" in text

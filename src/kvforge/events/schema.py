@@ -186,6 +186,65 @@ def to_u64(h: HashValue) -> int:
     raise MalformedEventError(f"bad block hash {h!r}")
 
 
+# Bounds on one batch, checked before anything is applied. vLLM publishes a batch per engine
+# step: a few thousand blocks at most even for a long prefill (a 128k-token prompt is 8k blocks).
+MAX_EVENTS_PER_BATCH = 65_536
+MAX_HASHES_PER_BATCH = 262_144
+MAX_TOKENS_PER_EVENT = 4_194_304
+MAX_BLOCK_SIZE = 4_096
+MAX_NAME = 256  # medium, LoRA name and other strings
+_U32 = (1 << 32) - 1
+_SCALARS = (str, int, float, bytes, bool, type(None))
+
+
+def _hashable(x: Any, depth: int = 0) -> bool:
+    """Extra keys are hashed into the block tree: scalars and (nested) lists of them."""
+    if isinstance(x, _SCALARS):
+        return not isinstance(x, str | bytes) or len(x) <= 4096
+    if isinstance(x, list | tuple) and depth < 8:
+        return all(_hashable(i, depth + 1) for i in x)
+    return False
+
+
+def _check_ids(ids: list[int], what: str) -> None:
+    if ids and (min(ids) < 0 or max(ids) > _U32):
+        raise MalformedEventError(f"{what}: a token id outside uint32")
+
+
+def validate_batch(batch: KVEventBatch) -> KVEventBatch:
+    """Check a whole batch against what an engine can send; raises MalformedEventError before
+    anything is applied, so a batch is applied whole or not at all."""
+    if len(batch.events) > MAX_EVENTS_PER_BATCH:
+        raise MalformedEventError(f"batch of {len(batch.events):,} events")
+    total = 0
+    for ev in batch.events:
+        if isinstance(ev, AllBlocksCleared):
+            continue
+        total += len(ev.block_hashes)
+        if total > MAX_HASHES_PER_BATCH:
+            raise MalformedEventError(f"batch of over {MAX_HASHES_PER_BATCH:,} block hashes")
+        if ev.medium is not None and len(ev.medium) > MAX_NAME:
+            raise MalformedEventError("medium name too long")
+        if isinstance(ev, BlockStored):
+            if not 0 < ev.block_size <= MAX_BLOCK_SIZE:
+                raise MalformedEventError(f"block_size {ev.block_size}")
+            if len(ev.token_ids) > MAX_TOKENS_PER_EVENT:
+                raise MalformedEventError("too many token ids in one event")
+            _check_ids(ev.token_ids, "token_ids")
+            for ids in ev.lookahead_token_ids or ():
+                _check_ids(ids, "lookahead_token_ids")
+            if ev.lora_name is not None and len(ev.lora_name) > MAX_NAME:
+                raise MalformedEventError("lora_name too long")
+            if ev.extra_keys is not None and not _hashable(ev.extra_keys):
+                raise MalformedEventError("extra_keys must be scalars or lists of them")
+    return batch
+
+
+def parse_batch(payload: bytes) -> KVEventBatch:
+    """Decode, normalise and validate one payload (what a subscriber applies)."""
+    return validate_batch(normalize_hashes(decode_batch(payload)))
+
+
 def normalize_hashes(batch: KVEventBatch) -> KVEventBatch:
     """Turn every block hash into its u64 form, in place; raises MalformedEventError before
     anything is applied when one is unusable."""

@@ -6,7 +6,11 @@
   buffers cannot be recovered, so the engine is then treated as cleared (resync);
 * a sequence that goes back (to 0 or below the last applied one, and not a replay duplicate)
   means the engine restarted: its residency is cleared;
-* malformed frames and payloads are counted and dropped — never raised.
+* malformed frames and payloads are counted and dropped — never raised; a batch is validated
+  whole before anything is applied, and a rejected batch still takes its place in the sequence
+  (so the next good one is not mistaken for a gap that would clear the engine);
+* messages over ``max_message_bytes`` are refused by ZMQ itself (``ZMQ_MAXMSGSIZE``) before
+  they are allocated.
 """
 
 from __future__ import annotations
@@ -19,12 +23,7 @@ from typing import Protocol
 
 import zmq
 
-from kvforge.events.schema import (
-    KVEventBatch,
-    MalformedEventError,
-    decode_batch,
-    normalize_hashes,
-)
+from kvforge.events.schema import KVEventBatch, MalformedEventError, parse_batch
 
 log = logging.getLogger(__name__)
 END_SEQ = b"\xff" * 8
@@ -46,6 +45,7 @@ class SubscriberStats:
     replayed: int = 0
     restarts: int = 0
     resyncs: int = 0
+    rejected: int = 0  # well-framed batches refused whole (counted in malformed too)
     last_seq: int | None = None
     data_parallel_rank: int | None = None
     last_event_at: float | None = None  # monotonic time of the last applied batch
@@ -62,6 +62,7 @@ class EventSubscriber:
         topic: str = "",
         context: zmq.Context | None = None,
         replay_timeout: float = 2.0,
+        max_message_bytes: int = 16 * 1024 * 1024,
     ):
         self.engine = engine
         self.endpoint = endpoint
@@ -69,6 +70,7 @@ class EventSubscriber:
         self.topic = topic.encode()
         self.sink = sink
         self.replay_timeout = replay_timeout
+        self.max_message_bytes = max_message_bytes
         self.stats = SubscriberStats()
         self._ctx = context or zmq.Context.instance()
         self._dup_range: tuple[int, int] | None = None
@@ -104,6 +106,7 @@ class EventSubscriber:
     def _run(self, ready: threading.Event) -> None:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         sub.connect(self.endpoint)
         poller = zmq.Poller()
@@ -135,22 +138,29 @@ class EventSubscriber:
             st.foreign += 1
             return
         seq = int.from_bytes(frames[1], "big")
+        batch: KVEventBatch | None
         try:
-            batch = normalize_hashes(decode_batch(frames[2]))
-        except MalformedEventError:
+            batch = parse_batch(frames[2])
+        except MalformedEventError as exc:
             st.malformed += 1
-            return
+            st.rejected += 1
+            if st.rejected & (st.rejected - 1) == 0:  # 1st, 2nd, 4th, ...: never a log flood
+                log.warning("engine %s: batch %d rejected (%d so far): %s", self.engine, seq,
+                            st.rejected, exc)  # fmt: skip
+            batch = None
         last = st.last_seq
         if last is not None and seq == last + 1:
             self._dup_range = None  # in order again: a later step back is a restart
         elif last is not None and seq <= last:
+            if batch is None:
+                return  # a bad batch must not pass for a restart (that clears the engine)
             dup = self._dup_range
             if dup is not None and dup[0] <= seq <= dup[1]:
                 st.duplicates += 1  # already applied from a replay
                 return
-            st.restarts += 1
             log.info("engine %s restarted (seq %d after %d): clearing", self.engine, seq, last)
             self.sink.clear_engine(self.engine)
+            st.restarts += 1  # after the clear: a reader that sees the count sees the clear
             self._dup_range = None
         elif (last is None and seq > 0) or (last is not None and seq > last + 1):
             start = 0 if last is None else last + 1
@@ -158,12 +168,15 @@ class EventSubscriber:
             self._recover(start, seq)
         self._apply(seq, batch)
 
-    def _apply(self, seq: int, batch: KVEventBatch) -> None:
-        self.sink.apply(self.engine, batch)
+    def _apply(self, seq: int, batch: KVEventBatch | None) -> None:
+        """Apply the batch (None: a rejected one, which only advances the sequence)."""
+        if batch is not None:
+            self.sink.apply(self.engine, batch)
         with self._applied:
-            self.stats.applied += 1
+            self.stats.applied += batch is not None
             self.stats.last_seq = seq
-            self.stats.data_parallel_rank = batch.data_parallel_rank
+            if batch is not None:
+                self.stats.data_parallel_rank = batch.data_parallel_rank
             self.stats.last_event_at = time.monotonic()
             self._applied.notify_all()
 
@@ -173,12 +186,12 @@ class EventSubscriber:
         wanted = [(s, b) for s, b in (got or []) if start <= s < upto]
         if (not wanted or wanted[0][0] != start) and self.stats.last_seq is not None:
             # history is gone: whatever we believed about this engine may be stale
-            self.stats.resyncs += 1
             log.warning(
                 "engine %s: batches %d..%d lost; treating it as cleared",
                 self.engine, start, upto - 1,
             )  # fmt: skip
             self.sink.clear_engine(self.engine)
+            self.stats.resyncs += 1
         for s, b in wanted:
             if self.stats.last_seq is None or s > self.stats.last_seq:
                 self._apply(s, b)
@@ -186,11 +199,12 @@ class EventSubscriber:
         # batches applied from the replay may still arrive live (late): not a restart
         self._dup_range = (start, upto - 1) if wanted else None
 
-    def _replay(self, start: int) -> list[tuple[int, KVEventBatch]] | None:
+    def _replay(self, start: int) -> list[tuple[int, KVEventBatch | None]] | None:
         assert self.replay_endpoint is not None
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
-        out: list[tuple[int, KVEventBatch]] = []
+        dealer.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        out: list[tuple[int, KVEventBatch | None]] = []
         try:
             dealer.connect(self.replay_endpoint)
             dealer.send_multipart([b"", start.to_bytes(8, "big")])
@@ -208,10 +222,12 @@ class EventSubscriber:
                     return out
                 if frames[1] != self.topic:
                     continue
+                seq = int.from_bytes(frames[2], "big")
                 try:
-                    batch = normalize_hashes(decode_batch(frames[3]))
-                    out.append((int.from_bytes(frames[2], "big"), batch))
+                    out.append((seq, parse_batch(frames[3])))
                 except MalformedEventError:
                     self.stats.malformed += 1
+                    self.stats.rejected += 1
+                    out.append((seq, None))  # keeps its place: no false gap
         finally:
             dealer.close(0)

@@ -65,6 +65,7 @@ class ResidencyIndex:
         tier_weights: dict[str, float] | None = None,
         *,
         max_blocks_per_engine: int = 4_000_000,
+        max_media: int = 8,
     ) -> None:
         self.tier_weights = dict(DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights)
         # An engine's events describe its own block pool (GPU: ~10^4-10^5 blocks; with CPU or
@@ -72,6 +73,12 @@ class ResidencyIndex:
         # dropped rather than allowed to grow without bound.
         self.max_blocks_per_engine = max_blocks_per_engine
         self.overflows = 0
+        # Tiers are few (vLLM: GPU, CPU; connectors add a disk or remote tier). A publisher
+        # inventing media names would grow per-medium tables for ever and make every clear
+        # O(media x blocks): events of a medium beyond the first ``max_media`` are ignored
+        # (and counted), and a medium nobody holds any more is forgotten.
+        self.max_media = max_media
+        self.ignored_media_events = 0
         self._engines: dict[str, EngineResidency] = {}
         self._masks: dict[str, dict[int, int]] = {}  # medium -> hash -> engine bitmask
         self._spec_mask: dict[int, int] = {}
@@ -116,7 +123,11 @@ class ResidencyIndex:
             e.last_event = time.monotonic()
             for ev in batch.events:
                 if isinstance(ev, BlockStored):
-                    self._store(e, ev.medium or "GPU", ev.block_hashes)
+                    medium = ev.medium or "GPU"
+                    if medium not in self._masks and len(self._masks) >= self.max_media:
+                        self.ignored_media_events += 1
+                        continue
+                    self._store(e, medium, ev.block_hashes)
                     self._grow_tree(e, ev)
                 elif isinstance(ev, BlockRemoved):
                     self._remove(e, ev.medium or "GPU", ev.block_hashes)
@@ -127,6 +138,9 @@ class ResidencyIndex:
     def store(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
         with self._lock:
             e = self._engine(engine)
+            if medium not in self._masks and len(self._masks) >= self.max_media:
+                self.ignored_media_events += 1
+                return
             self._store(e, medium, hashes)
             self._bound(e)
 
@@ -228,9 +242,10 @@ class ResidencyIndex:
                 masks.pop(h, None)
                 self._prune(h)
         self.blocks_applied += len(hashes)
+        self._forget_medium(medium)
 
     def _clear(self, e: EngineResidency) -> None:
-        for medium, counts in e.counts.items():
+        for medium, counts in list(e.counts.items()):
             masks = self._masks[medium]
             for h in counts:
                 m = masks.get(h, 0) & ~e.bit
@@ -240,6 +255,16 @@ class ResidencyIndex:
                     masks.pop(h, None)
                     self._prune(h)
             counts.clear()
+            self._forget_medium(medium)
+
+    def _forget_medium(self, medium: str) -> None:
+        """Drop a medium's tables once no engine holds a block in it."""
+        if self._masks.get(medium):
+            return
+        self._masks.pop(medium, None)
+        for e in self._engines.values():
+            if not e.counts.get(medium, True):
+                del e.counts[medium]
 
     # ---- speculation -----------------------------------------------------------------------
     def speculate(self, engine: str, hashes: Sequence[int], ttl: float, now: float) -> None:
@@ -311,6 +336,7 @@ class ResidencyIndex:
                 },
                 "blocks_applied": self.blocks_applied,
                 "overflows": self.overflows,
+                "ignored_media_events": self.ignored_media_events,
                 "speculative": len(self._spec_mask),
             }
 

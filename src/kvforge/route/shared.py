@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 import xxhash
 
-from kvforge.events.schema import KVEventBatch, decode_batch, encode_batch, normalize_hashes
+from kvforge.events.schema import KVEventBatch, encode_batch, parse_batch
 from kvforge.route.residency import PrefixScore, PrefixWalk, ResidencyIndex
 from kvforge.store.redis import BackendUnavailableError, RedisStore
 
@@ -278,7 +278,7 @@ class SharedResidency(ResidencyIndex):
         engine, kind, payload = fields[b"e"].decode(), fields[b"k"], fields[b"p"]
         try:
             if kind == b"b":
-                super().apply(engine, normalize_hashes(decode_batch(payload)))
+                super().apply(engine, parse_batch(payload))
             elif kind == b"c":
                 super().clear_engine(engine)
             elif kind in (b"s", b"r"):

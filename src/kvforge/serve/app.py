@@ -13,6 +13,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -130,6 +131,50 @@ class _BackendCollector(Collector):
         yield from (fail, up, degraded)
 
 
+_EVENT_COUNTERS = {
+    "received": "Event messages received",
+    "applied": "Event batches applied",
+    "malformed": "Event messages or batches dropped as malformed",
+    "rejected": "Well-framed batches refused whole (bad ids, bounds)",
+    "duplicates": "Batches received again after a replay",
+    "gaps": "Sequence gaps detected",
+    "replayed": "Batches recovered from the replay endpoint",
+    "restarts": "Engine restarts detected (its residency cleared)",
+    "resyncs": "Unrecoverable gaps (the engine's residency cleared)",
+}
+
+
+class _EventsCollector(Collector):
+    """The KV-event subscribers' counters per engine, and the residency's own drops: every
+    way an engine's view can be cleared or lose events is visible."""
+
+    def __init__(self, subs: list[EventSubscriber], router: Router | None) -> None:
+        self.subs, self.router = subs, router
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc in _EVENT_COUNTERS.items():
+            fam = CounterMetricFamily(f"kvforge_engine_events_{name}", doc, labels=["engine"])
+            for sub in self.subs:
+                fam.add_metric([sub.engine], float(getattr(sub.stats, name)))
+            yield fam
+        if self.router is not None:
+            r = self.router.residency.stats()
+            over = CounterMetricFamily(
+                "kvforge_residency_overflows", "Engines dropped for announcing over their pool"
+            )
+            over.add_metric([], float(r.get("overflows", 0)))  # type: ignore[arg-type]
+            media = CounterMetricFamily(
+                "kvforge_residency_ignored_media_events",
+                "Events of a medium beyond the tier cap (ignored)",
+            )
+            media.add_metric([], float(r.get("ignored_media_events", 0)))  # type: ignore[arg-type]
+            probes = CounterMetricFamily(
+                "kvforge_router_stale_probes", "Requests let through to a stale engine"
+            )
+            probes.add_metric([], float(self.router.probes))
+            yield from (over, media, probes)
+
+
 def create_app(
     matcher: SyncMatcher | None = None,
     *,
@@ -146,10 +191,12 @@ def create_app(
     metrics = _Metrics()
     metrics.registry.register(_BackendCollector(m, router))
     resources: dict[str, Any] = {}
+    subs: list[EventSubscriber] = []
+    metrics.registry.register(_EventsCollector(subs, router))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        subs = []
+        subs.clear()
         if router is not None and subscribe:
             for e in router.engines.values():
                 if e.events:
@@ -166,6 +213,7 @@ def create_app(
                 snapshotter.stop()  # a last save on a clean shutdown
             for sub in subs:
                 sub.stop()
+            subs.clear()
             if "client" in resources:
                 await resources["client"].aclose()
 
@@ -280,7 +328,11 @@ def create_app(
 
     @app.get("/v1/stats", dependencies=deps, responses=errors)
     def stats() -> dict[str, Any]:
-        return m.stats()
+        out = m.stats()
+        if router is not None:
+            out["events"] = {sub.engine: asdict(sub.stats) for sub in subs}
+            out["residency"] = router.residency.stats()
+        return out
 
     @app.post(
         "/v1/route",
