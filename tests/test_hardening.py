@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -23,7 +24,9 @@ from kvforge.events.schema import (
     validate_batch,
 )
 from kvforge.events.subscriber import EventSubscriber
+from kvforge.index import OwnerInfo
 from kvforge.index.spans import SpanBudget
+from kvforge.persist import Snapshotter
 from kvforge.route import EngineConfig, ResidencyIndex, Router
 from kvforge.serve import create_app
 
@@ -228,3 +231,55 @@ def test_event_drops_are_exported_in_metrics_and_stats() -> None:
     assert 'kvforge_engine_events_gaps_total{engine="e0"} 1.0' in text
     assert 'kvforge_engine_events_resyncs_total{engine="e0"} 1.0' in text
     assert "kvforge_residency_ignored_media_events_total 0.0" in text
+
+
+# ---- strings that cannot be stored ---------------------------------------------------------
+
+SURROGATE_BODIES = [
+    {"agent_id": "a", "token_ids": [1] * 32, "cache_salt": "s\udc00"},
+    {"agent_id": "a\ud800", "token_ids": [1] * 32},
+    {"agent_id": "a", "prompt": "hello \udc00 world"},
+    {"agent_id": "a", "messages": [{"role": "user", "content": "x\udfff"}]},
+    {"agent_id": "a", "token_ids": [1] * 32, "lora_name": "l\udc00", "lora_path": "/p"},
+]
+
+
+@pytest.mark.parametrize("body", SURROGATE_BODIES, ids=range(len(SURROGATE_BODIES)))
+def test_strings_that_are_not_utf8_are_refused_at_the_boundary(body: dict, tmp_path) -> None:
+    """A lone-surrogate cache_salt used to be accepted, and from then on every snapshot raised
+    and the snapshot thread died: every later write was lost on a restart."""
+    m = SyncMatcher()
+    snap = Snapshotter(m, tmp_path / "snap.bin", interval=3600)
+    c = TestClient(create_app(m, snapshotter=snap))
+    raw = json.dumps(body)  # escapes the surrogate as \\udXXX, as a client would send it
+    r = c.post("/v1/index", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "surrogate" in r.text or "unicode" in r.text.lower()
+    assert m.stats()["agents"] == 0
+    m.index_prompt("ok", [1] * 32)
+    assert snap.save_if_changed() and snap.failures == 0
+
+
+def test_the_snapshot_loop_survives_any_error_and_counts_it(tmp_path) -> None:
+    m = SyncMatcher()
+    # a record no encoder accepts, put in below the boundary checks (as a bug would)
+    seq = m.blocks([1] * 32)
+    seq.chain_keys  # noqa: B018
+    m.index.put("default", "bad", seq, OwnerInfo("bad", 32, 2, "s\udc00", None))
+    m.generation += 1
+    snap = Snapshotter(m, tmp_path / "snap.bin", interval=0.05).start()
+    deadline = time.monotonic() + 10
+    while snap.failures < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert snap.failures >= 2 and snap._thread.is_alive()  # failed, and still running
+    m.clear_agent("bad")
+    m.index_prompt("good", [2] * 32)
+    while snap.saves == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    snap.stop()
+    assert snap.saves >= 1
+    fresh = SyncMatcher()
+    Snapshotter(fresh, tmp_path / "snap.bin").restore()
+    assert fresh.agents() == ["good"]
+    text = TestClient(create_app(m, snapshotter=snap)).get("/metrics").text
+    assert f"kvforge_snapshot_failures_total {float(snap.failures)}" in text

@@ -114,6 +114,7 @@ class Snapshotter:
         self._thread = threading.Thread(target=self._run, daemon=True, name="kvforge-snapshot")
         self._saved_generation = -1
         self.saves = 0
+        self.failures = 0
 
     def restore(self) -> int:
         """Load the snapshot if there is one. A corrupted file is moved aside (``.corrupt``)
@@ -144,14 +145,21 @@ class Snapshotter:
         return True
 
     def _run(self) -> None:
+        # Any error is survived: a snapshot thread that dies loses every later write on a
+        # restart (it once died on one bad string, and never saved again).
         while not self._stop.wait(self.interval):
             try:
                 self.save_if_changed()
-            except OSError:
-                log.exception("snapshot to %s failed", self.path)
+            except Exception:
+                self.failures += 1
+                log.exception("snapshot to %s failed (%d so far)", self.path, self.failures)
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        self.save_if_changed()
+        try:
+            self.save_if_changed()
+        except Exception:
+            self.failures += 1
+            log.exception("final snapshot to %s failed", self.path)

@@ -29,6 +29,7 @@ import numpy as np
 import xxhash
 
 from kvforge.errors import InvalidInputError
+from kvforge.validate import require_utf8
 
 BlockHash = NewType("BlockHash", bytes)
 """A raw block digest as vLLM keeps it internally (32 bytes sha256*, 16 bytes xxhash*)."""
@@ -109,7 +110,7 @@ class LoRA:
             raise InvalidInputError("lora must be LoRA(name, path), a (name, path) pair or a dict")
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise InvalidInputError("lora needs a non-empty name and a non-empty path")
-        return cls(name, path)
+        return cls(require_utf8(name, "LoRA name"), require_utf8(path, "LoRA path"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ def validate_cache_salt(salt: str | None) -> str | None:
         raise InvalidInputError("cache_salt must be a non-empty string of at most 128 characters")
     if any(ch in salt for ch in "@/\\\x00"):
         raise InvalidInputError("cache_salt must not contain '@', '/', '\\' or NUL")
-    return salt
+    return require_utf8(salt, "cache_salt")
 
 
 def block_extra_keys(

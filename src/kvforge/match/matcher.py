@@ -36,6 +36,7 @@ from kvforge.match.report import (
     PrefixHash,
 )
 from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
+from kvforge.validate import require_utf8
 
 DEFAULT_TENANT = "default"
 
@@ -73,7 +74,7 @@ def _tenant_key(tenant: str | None) -> str:
         return DEFAULT_TENANT
     if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_AGENT_ID:
         raise InvalidInputError("tenant must be a non-empty string of at most 256 characters")
-    return tenant
+    return require_utf8(tenant, "tenant")
 
 
 def _check_agent(agent_id: Any) -> str:
@@ -81,7 +82,7 @@ def _check_agent(agent_id: Any) -> str:
         raise InvalidInputError("agent_id must be a non-empty string")
     if len(agent_id) > MAX_AGENT_ID:
         raise InvalidInputError(f"agent_id is longer than {MAX_AGENT_ID} characters")
-    return agent_id
+    return require_utf8(agent_id, "agent_id")
 
 
 class SyncMatcher:

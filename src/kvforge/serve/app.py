@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from msgspec import json as _json
 from prometheus_client import (
@@ -175,6 +176,18 @@ class _EventsCollector(Collector):
             yield from (over, media, probes)
 
 
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshotter: Snapshotter) -> None:
+        self.snapshotter = snapshotter
+
+    def collect(self) -> Iterator[Metric]:
+        saves = CounterMetricFamily("kvforge_snapshot_saves", "Snapshots written")
+        saves.add_metric([], float(self.snapshotter.saves))
+        failed = CounterMetricFamily("kvforge_snapshot_failures", "Snapshot saves that failed")
+        failed.add_metric([], float(self.snapshotter.failures))
+        yield from (saves, failed)
+
+
 def create_app(
     matcher: SyncMatcher | None = None,
     *,
@@ -193,6 +206,8 @@ def create_app(
     resources: dict[str, Any] = {}
     subs: list[EventSubscriber] = []
     metrics.registry.register(_EventsCollector(subs, router))
+    if snapshotter is not None:
+        metrics.registry.register(_SnapshotCollector(snapshotter))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -256,6 +271,16 @@ def create_app(
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input: a whole prompt, or a string no encoder
+        # accepts (the error itself then failed with a 500). Say where and why, never what.
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(BackendUnavailableError)
     async def _backend_down(request: Request, exc: BackendUnavailableError) -> JSONResponse:

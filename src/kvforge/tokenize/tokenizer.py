@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from kvforge.errors import InvalidInputError
 from kvforge.tokenize.chat import ChatTemplate
+from kvforge.validate import require_utf8, require_utf8_tree
 
 QWEN3_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
 _DATA = "kvforge.tokenize.data.qwen3"
@@ -127,7 +128,7 @@ class PromptTokenizer:
     # ---- encoding -----------------------------------------------------------------------
     def encode_text(self, text: str) -> TokenizedPrompt:
         """As vLLM's completions endpoint: special tokens in the text are parsed as such."""
-        return self._encode(text, "text", add_special_tokens=True)
+        return self._encode(require_utf8(text, "prompt"), "text", add_special_tokens=True)
 
     def render_chat(
         self,
@@ -152,6 +153,8 @@ class PromptTokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
         **template_kwargs: Any,
     ) -> TokenizedPrompt:
+        require_utf8_tree(messages, "messages")
+        require_utf8_tree(tools, "tools")
         rendered = self.render_chat(messages, tools=tools, **template_kwargs)
         return self._encode(rendered, "chat", add_special_tokens=False)
 
