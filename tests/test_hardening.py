@@ -283,3 +283,19 @@ def test_the_snapshot_loop_survives_any_error_and_counts_it(tmp_path) -> None:
     assert fresh.agents() == ["good"]
     text = TestClient(create_app(m, snapshotter=snap)).get("/metrics").text
     assert f"kvforge_snapshot_failures_total {float(snap.failures)}" in text
+
+
+def test_the_proxy_enforces_the_prompt_limits() -> None:
+    """A 6M-character message and 1.2M token ids used to be forwarded (200, +430 MiB kept)."""
+    router = Router([EngineConfig("e0", url="http://127.0.0.1:9")], speculative_ttl=0)
+    m = SyncMatcher(max_prompt_chars=20_000, max_prompt_tokens=2_000)
+    c = TestClient(create_app(m, router=router, subscribe=False))
+    big = {"model": "m", "messages": [{"role": "user", "content": "word " * 10_000}]}
+    assert c.post("/v1/chat/completions", json=big).status_code == 413
+    tools = [{"type": "function", "function": {"name": "f", "description": "d " * 20_000}}]
+    small = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    assert c.post("/v1/chat/completions", json=small).status_code == 413  # tools count too
+    ids = {"model": "m", "prompt": list(range(5_000))}
+    assert c.post("/v1/completions", json=ids).status_code == 413
+    ok = {"model": "m", "prompt": "hello"}
+    assert c.post("/v1/completions", json=ok).status_code == 502  # within limits: forwarded

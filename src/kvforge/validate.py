@@ -36,3 +36,16 @@ def require_utf8_tree(obj: Any, what: str, _depth: int = 0) -> None:
     elif isinstance(obj, list | tuple) and _depth < 64:
         for v in obj:
             require_utf8_tree(v, what, _depth + 1)
+
+
+def text_size(obj: Any, _depth: int = 0) -> int:
+    """Characters in every string inside nested dicts and lists (what a chat request carries)."""
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(len(k) if isinstance(k, str) else 0 for k in obj) + sum(
+            text_size(v, _depth + 1) for v in obj.values()
+        )
+    if isinstance(obj, list | tuple) and _depth < 64:
+        return sum(text_size(v, _depth + 1) for v in obj)
+    return 0

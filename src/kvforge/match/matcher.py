@@ -36,7 +36,7 @@ from kvforge.match.report import (
     PrefixHash,
 )
 from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
-from kvforge.validate import require_utf8
+from kvforge.validate import require_utf8, text_size
 
 DEFAULT_TENANT = "default"
 
@@ -151,10 +151,11 @@ class SyncMatcher:
             )
         if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt:
             if isinstance(prompt[0], Mapping):
-                size = sum(len(str(m.get("content") or "")) for m in prompt)  # type: ignore[union-attr]
+                size = text_size(prompt) + text_size(tools)
                 if size > self.max_prompt_chars:
                     raise InvalidInputError(
-                        f"messages hold {size:,} characters; the limit is {self.max_prompt_chars:,}"
+                        f"messages and tools hold {size:,} characters; "
+                        f"the limit is {self.max_prompt_chars:,}"
                     )
             elif len(prompt) > self.max_prompt_tokens:
                 raise InvalidInputError(

@@ -103,10 +103,9 @@ def add_proxy(
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return JSONResponse({"detail": "'messages' must be a non-empty list"}, 422)
-        # tokenizing and hashing are CPU work: keep them off the event loop
-        tp = await run_in_threadpool(
-            matcher.tokenizer.encode_chat, messages, tools=body.get("tools")
-        )
+        # tokenizing and hashing are CPU work: keep them off the event loop; the matcher's
+        # prompt limits apply here as on /v1/* (413)
+        tp = await run_in_threadpool(matcher.tokenize, messages, tools=body.get("tools"))
         d = await run_in_threadpool(decide, tp, body)
         return await forward("/v1/chat/completions", body, d)
 
@@ -118,7 +117,7 @@ def add_proxy(
             prompt = prompt[0]  # a batch: route by its first prompt
         if not isinstance(prompt, str | list) or not prompt:
             return JSONResponse({"detail": "'prompt' must be text or token ids"}, 422)
-        tp = await run_in_threadpool(matcher.tokenizer.tokenize, prompt)
+        tp = await run_in_threadpool(matcher.tokenize, prompt)
         d = await run_in_threadpool(decide, tp, body)
         return await forward("/v1/completions", body, d)
 
