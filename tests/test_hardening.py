@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import zmq
+from conftest import redis_index_url
 from fastapi.testclient import TestClient
 
 from kvforge import SyncMatcher
@@ -299,3 +300,45 @@ def test_the_proxy_enforces_the_prompt_limits() -> None:
     assert c.post("/v1/completions", json=ids).status_code == 413
     ok = {"model": "m", "prompt": "hello"}
     assert c.post("/v1/completions", json=ok).status_code == 502  # within limits: forwarded
+
+
+# ---- Redis refusing writes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refusal", ["oom", "readonly"])
+def test_redis_refusing_writes_is_unavailable_not_a_crash(refusal: str, own_redis) -> None:
+    """``maxmemory`` reached (OOM) or the server turned replica (READONLY, an old master after a
+    fail-over) used to give 500s with tracebacks, no Retry-After, uncounted."""
+    import redis as redis_py
+
+    url = redis_index_url(own_redis.url)
+    m = SyncMatcher(index=url)
+    c = TestClient(create_app(m))
+    assert c.post("/v1/index", json={"agent_id": "a", "token_ids": [1] * 64}).status_code == 200
+    admin = redis_py.Redis.from_url(own_redis.url)
+    if refusal == "oom":
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+    else:
+        admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # a master that is not there
+    try:
+        for call in (
+            lambda: c.post("/v1/index", json={"agent_id": "b", "token_ids": [2] * 64}),
+            lambda: c.delete("/v1/agents/a"),
+        ):
+            r = call()
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+        r = c.post("/v1/match", json={"token_ids": [1] * 64})
+        assert r.status_code == 200  # reads still answer (or fail open as degraded)
+        text = c.get("/metrics").text
+        assert 'kvforge_backend_failures_total{part="index"}' in text
+        assert m.index.health()["failures"] >= 2
+    finally:
+        if refusal == "oom":
+            admin.config_set("maxmemory", "0")
+        else:
+            admin.execute_command("REPLICAOF", "NO", "ONE")
+    r = c.post("/v1/index", json={"agent_id": "b", "token_ids": [2] * 64})
+    assert r.status_code == 200  # nothing to restart
+    assert sorted(c.get("/v1/agents").json()["agents"]) == ["a", "b"]

@@ -31,8 +31,37 @@ from kvforge.errors import KvforgeError
 
 log = logging.getLogger(__name__)
 
-# What a dropped connection, a restarting server or a timeout raise; anything else is a bug.
+# What a dropped connection, a restarting server or a timeout raise.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+# Replies of a server that is up but cannot take the call now: out of memory (``maxmemory``),
+# a replica (what an old master turns into after a fail-over), persistence failing, a cluster
+# in flux. Redis sends them as error replies, also from inside scripts and transactions
+# (``-OOM ...`` inside an EVAL error, ``EXECABORT`` for a MULTI queued with one).
+_UNAVAILABLE_CODES = ("OOM", "READONLY", "MISCONF", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN",
+                      "TRYAGAIN", "LOADING", "EXECABORT")  # fmt: skip
+
+
+_UNAVAILABLE_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.ExecAbortError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "Redis cannot serve this now" (retry later), not a bug."""
+    if isinstance(exc, REDIS_DOWN + _UNAVAILABLE_CLASSES):
+        return True
+    if isinstance(exc, redis.ResponseError):
+        msg = str(exc)
+        # the code leads the reply, or follows a script's "Error ... script: ..." preamble
+        return msg.startswith(_UNAVAILABLE_CODES) or any(
+            f" {code} " in msg or f"-{code} " in msg for code in _UNAVAILABLE_CODES
+        )
+    return False
 
 
 class BackendUnavailableError(KvforgeError):
@@ -118,6 +147,12 @@ class RedisStore:
             out = fn(*args, **kw)
         except REDIS_DOWN as exc:
             self._failed(exc)
+        except redis.RedisError as exc:
+            if not is_unavailable(exc):
+                raise
+            # up but refusing (OOM, READONLY, ...): counted and 503, the link stays "up" so
+            # that reads, which such a server still answers, are not failed fast
+            self._failed(exc, link_down=False)
         if not self.available:
             with self._lock:
                 self.available = True
@@ -125,11 +160,11 @@ class RedisStore:
             log.warning("Redis at %s is reachable again", mask_url(self.url))
         return out
 
-    def _failed(self, exc: BaseException | None) -> Any:
+    def _failed(self, exc: BaseException | None, *, link_down: bool = True) -> Any:
         now = time.monotonic()
         with self._lock:
             self.failures += 1
-            if exc is not None:
+            if exc is not None and link_down:
                 self.available = False
                 self._down_since = now
             if now - self._last_log >= self.log_interval:
@@ -139,7 +174,10 @@ class RedisStore:
                     mask_url(self.url), type(exc).__name__ if exc else "still down",
                     self.failures,
                 )  # fmt: skip
-        raise BackendUnavailableError(f"Redis at {mask_url(self.url)} is unavailable") from exc
+        why = "" if link_down or exc is None else f" ({str(exc).split(' ', 1)[0]})"
+        raise BackendUnavailableError(
+            f"Redis at {mask_url(self.url)} is unavailable{why}"
+        ) from exc
 
     def health(self) -> dict[str, Any]:
         return {"available": self.available, "failures": self.failures,
