@@ -342,3 +342,70 @@ def test_redis_refusing_writes_is_unavailable_not_a_crash(refusal: str, own_redi
     r = c.post("/v1/index", json={"agent_id": "b", "token_ids": [2] * 64})
     assert r.status_code == 200  # nothing to restart
     assert sorted(c.get("/v1/agents").json()["agents"]) == ["a", "b"]
+
+
+# ---- small ones ---------------------------------------------------------------------------
+
+
+def test_http_inputs_that_used_to_slip_through() -> None:
+    m = SyncMatcher()
+    c = TestClient(create_app(m))
+    ids = list(range(100, 164))
+    # an agent id with "/" can be indexed, so it must be deletable
+    assert c.post("/v1/index", json={"agent_id": "team/planner", "token_ids": ids}).is_success
+    assert c.delete("/v1/agents/team/planner").json() == {"removed_blocks": 4}
+    assert m.agents() == []
+    # two X-Tenant headers: refused, not "first wins"
+    r = c.post("/v1/match", json={"token_ids": ids}, headers=[("X-Tenant", "a"), ("X-Tenant", "b")])
+    assert r.status_code == 400
+    # a typo in a field name must not index unsalted
+    r = c.post("/v1/index", json={"agent_id": "a", "token_ids": ids, "cache_sal": "t1"})
+    assert r.status_code == 422 and "cache_sal" in r.text
+    for bad in (1.0, True, "1"):
+        r = c.post("/v1/index", json={"agent_id": "a", "token_ids": [bad, *ids]})
+        assert r.status_code == 422, bad
+    assert m.agents() == []
+    # validation errors say where and why, never echo the (possibly huge) input back
+    r = c.post("/v1/index", json={"agent_id": "a", "prompt": 5, "token_ids": None})
+    assert r.status_code == 422 and '"input"' not in r.text
+
+
+def test_route_loads_must_be_finite() -> None:
+    router = Router([EngineConfig("e0"), EngineConfig("e1")], speculative_ttl=0)
+    c = TestClient(create_app(SyncMatcher(), router=router))
+    body = '{"token_ids": [1, 2, 3], "loads": {"e0": NaN}}'
+    r = c.post("/v1/route", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    body = '{"token_ids": [1, 2, 3], "loads": {"e0": 1e400}}'  # parses as infinity
+    r = c.post("/v1/route", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_agents_say_degraded_when_redis_is_down(own_redis) -> None:
+    m = SyncMatcher(index=redis_index_url(own_redis.url))
+    c = TestClient(create_app(m))
+    c.post("/v1/index", json={"agent_id": "a", "token_ids": [1] * 32})
+    assert c.get("/v1/agents").json() == {"agents": ["a"]}
+    own_redis.stop()
+    assert c.get("/v1/agents").json() == {"agents": [], "degraded": True}
+
+
+def test_tenants_are_cheap_and_blocks_are_capped() -> None:
+    import gc
+    import tracemalloc
+
+    m = SyncMatcher(max_blocks=1_000)
+    m.index_prompt("warm", [1] * 16, tenant="warm")
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(300):
+        m.index_prompt("a", [1] * 16, tenant=f"t{i}")
+    gc.collect()
+    per_tenant = (tracemalloc.get_traced_memory()[0] - base) / 300
+    tracemalloc.stop()
+    assert per_tenant < 16 * 1024, per_tenant  # was ~36 KiB
+    c = TestClient(create_app(m))
+    r = c.post("/v1/index", json={"agent_id": "big", "token_ids": list(range(16 * 800))})
+    assert r.status_code == 429 and "max_blocks" in r.text
+    assert m.index.held_blocks() == 301  # nothing was added

@@ -56,6 +56,8 @@ class MatcherSection:
     max_prompt_tokens: int = 1_000_000
     max_agents_per_tenant: int | None = 1_000_000
     max_tenants: int | None = 100_000
+    # distinct indexed blocks, all tenants together: the memory cap (about 150-400 B each)
+    max_blocks: int | None = 20_000_000
 
 
 @dataclass

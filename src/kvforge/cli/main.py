@@ -405,7 +405,7 @@ def serve_cmd(
             tokenizer=mc.tokenizer, near_radius=mc.near_radius,
             max_prompt_chars=mc.max_prompt_chars, max_prompt_tokens=mc.max_prompt_tokens,
             max_agents_per_tenant=mc.max_agents_per_tenant, max_tenants=mc.max_tenants,
-            index=sc.index_url,
+            max_blocks=mc.max_blocks, index=sc.index_url,
         )  # fmt: skip
         router = (
             Router(cfg.engines, residency=open_residency(sc.index_url),

@@ -154,7 +154,9 @@ class BlockIndex(ABC):
     def owner_info(self, tenant: str, owner: str) -> OwnerInfo | None: ...
 
     @abstractmethod
-    def owners(self, tenant: str) -> list[str]: ...
+    def owners(self, tenant: str) -> list[str]:
+        """The tenant's owners, sorted. A shared backend that cannot be reached raises
+        ``BackendUnavailableError`` (never answers an empty list as if it were true)."""
 
     def count_owners(self, tenant: str) -> int:
         """Owners the tenant holds (as this process knows them)."""
@@ -183,3 +185,8 @@ class BlockIndex(ABC):
     @abstractmethod
     def num_blocks(self) -> int:
         """Distinct chain blocks held, all tenants together. O(tenants)."""
+
+    def held_blocks(self) -> int:
+        """Distinct chain blocks this process holds in memory, O(1): what a memory cap
+        bounds (a shared backend's replica counts what it has applied)."""
+        return self.num_blocks()

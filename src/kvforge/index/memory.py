@@ -58,7 +58,7 @@ from kvforge.index.table import U64Table
 def _grow(arr: np.ndarray, need: int, fill: int = 0) -> np.ndarray:
     if need <= arr.shape[0]:
         return arr
-    cap = max(need, arr.shape[0] + arr.shape[0] // 4, 64)  # 1.25x: memory over speed
+    cap = max(need, arr.shape[0] + arr.shape[0] // 4, 8)  # 1.25x: memory over speed
     out = np.full((cap, *arr.shape[1:]), fill, dtype=arr.dtype)
     out[: arr.shape[0]] = arr
     return out
@@ -115,8 +115,8 @@ class _Tenant:
         budget = budget or SpanBudget()
         self.lock = threading.Lock()
         self.bs = block_size
-        self.chain = U64Table()
-        self.content = U64Table()
+        self.chain = U64Table(16)  # small tenants stay small; tables grow by doubling
+        self.content = U64Table(16)
         # chain blocks
         self.b_ids = _IdPool()
         self.b_key = np.zeros(0, dtype=np.uint64)
@@ -709,6 +709,13 @@ class MemoryIndex(BlockIndex):
         self.span_budget = span_budget or SpanBudget()
         self._tenants: dict[str, _Tenant] = {}
         self._create = threading.Lock()
+        self._nblocks = 0  # distinct chain blocks, all tenants (kept by every write)
+        self._count = threading.Lock()
+
+    def _moved_blocks(self, delta: int) -> None:
+        if delta:
+            with self._count:
+                self._nblocks += delta
 
     @contextmanager
     def _use(self, tenant: str, create: bool = False) -> Iterator[_Tenant | None]:
@@ -745,14 +752,17 @@ class MemoryIndex(BlockIndex):
         """Forget everything the tenant indexed."""
         with self._use(tenant) as t:
             if t is not None:
+                self._moved_blocks(-len(t.chain))
                 del self._tenants[tenant]
 
     def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
         with self._use(tenant, create=True) as t:
             assert t is not None
+            before = len(t.chain)
             try:
                 return self._put(t, owner, seq, info)
             finally:
+                self._moved_blocks(len(t.chain) - before)
                 if not t.owner_id:  # a refused first prompt leaves no empty tenant behind
                     del self._tenants[tenant]
 
@@ -796,7 +806,9 @@ class MemoryIndex(BlockIndex):
             oid = t.owner_id.pop(owner)
             del t.owner_name[oid]
             t.owner_info.pop(oid, None)
+            before = len(t.chain)
             n = t.remove(oid)
+            self._moved_blocks(len(t.chain) - before)
             t.o_ids.give(np.asarray([oid], dtype=np.int32))
             if not t.owner_id:
                 del self._tenants[tenant]
@@ -849,7 +861,10 @@ class MemoryIndex(BlockIndex):
         return len(self._tenants)
 
     def num_blocks(self) -> int:
-        return sum(len(t.chain) for t in list(self._tenants.values()))
+        return self._nblocks
+
+    def held_blocks(self) -> int:
+        return self._nblocks
 
     def export(self, tenant: str | None = None) -> Iterator[OwnerRecord]:
         """Every owner's record (of one tenant, or all): materialized per tenant under its

@@ -454,10 +454,7 @@ class RedisIndex(BlockIndex):
 
     @_locked
     def owners(self, tenant: str) -> list[str]:
-        try:
-            self.sync(tenant)
-        except BackendUnavailableError:
-            return []
+        self.sync(tenant)  # raises BackendUnavailableError: the caller says "degraded"
         return self.replica.owners(tenant)
 
     @_locked
@@ -467,6 +464,9 @@ class RedisIndex(BlockIndex):
     @_locked
     def count_tenants(self) -> int:
         return self.replica.count_tenants()  # the tenants this process has touched
+
+    def held_blocks(self) -> int:
+        return self.replica.held_blocks()  # one int read: no lock, no round trip
 
     @_locked
     def num_blocks(self) -> int:

@@ -35,6 +35,7 @@ from kvforge.match.report import (
     MovedSpan,
     PrefixHash,
 )
+from kvforge.store import BackendUnavailableError
 from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
 from kvforge.validate import require_utf8, text_size
 
@@ -105,6 +106,7 @@ class SyncMatcher:
         max_prompt_tokens: int = 1_000_000,
         max_agents_per_tenant: int | None = 1_000_000,
         max_tenants: int | None = 100_000,
+        max_blocks: int | None = None,
         near_radius: int = 2,
         find_spans: bool = True,
         recompute_ratio: float = 0.15,
@@ -127,6 +129,7 @@ class SyncMatcher:
         # bounds against callers that invent agents or tenants without end (memory)
         self.max_agents_per_tenant = max_agents_per_tenant
         self.max_tenants = max_tenants
+        self.max_blocks = max_blocks  # distinct blocks, all tenants (memory); None: unbounded
         self.tenant_lock = TenantLocks()
         # admits new tenants one at a time, so ``max_tenants`` holds under concurrency
         self._admit = threading.Lock()
@@ -212,9 +215,16 @@ class SyncMatcher:
         _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
         return self.index_blocks(agent_id, seq, tenant=tenant, cache_salt=cache_salt, lora=lora)
 
-    def _check_quota(self, key: str, agent: str) -> None:
+    def _check_quota(self, key: str, agent: str, blocks: int = 0) -> None:
         """Refuse a new agent or tenant beyond the configured bounds (call under the lock)."""
         idx = self.index
+        if self.max_blocks is not None and blocks:
+            held = idx.held_blocks()
+            if held + blocks > self.max_blocks:
+                raise QuotaExceededError(
+                    f"the index holds {held:,} blocks; {blocks:,} more would pass the limit of "
+                    f"{self.max_blocks:,} (clear agents, or raise max_blocks)"
+                )
         if self.max_agents_per_tenant is None and self.max_tenants is None:
             return
         n = idx.count_owners(key)
@@ -249,10 +259,10 @@ class SyncMatcher:
         with self.tenant_lock(key):
             if self.index.count_owners(key) == 0:  # a new tenant: admitted one at a time
                 with self._admit:
-                    self._check_quota(key, agent)
+                    self._check_quota(key, agent, seq.num_blocks)
                     put = self.index.put(key, agent, seq, info)
             else:
-                self._check_quota(key, agent)
+                self._check_quota(key, agent, seq.num_blocks)
                 put = self.index.put(key, agent, seq, info)
             self.generation = next(self._generations)
         return IndexResult(
@@ -428,9 +438,17 @@ class SyncMatcher:
             return self.index.remove(key, agent)
 
     def agents(self, *, tenant: str | None = None) -> list[str]:
+        """The tenant's indexed agents ([] while a shared backend is unreachable)."""
+        return self.list_agents(tenant=tenant)[0]
+
+    def list_agents(self, *, tenant: str | None = None) -> tuple[list[str], bool]:
+        """(agents, degraded): degraded when the shared backend could not be consulted."""
         key = _tenant_key(tenant)
         with self.tenant_lock(key):
-            return self.index.owners(key)
+            try:
+                return self.index.owners(key), False
+            except BackendUnavailableError:
+                return [], True
 
     def export(self) -> list[Any]:
         """Every owner's record (``OwnerRecord``), each tenant taken as a consistent cut under

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from kvforge.errors import InvalidInputError, KvforgeError, QuotaExceededError
 from kvforge.events.subscriber import EventSubscriber
@@ -44,11 +44,15 @@ TENANT_HEADER = "X-Tenant"
 
 
 class PromptBody(BaseModel):
-    """Exactly one of ``prompt`` (text), ``messages`` (chat) or ``token_ids``."""
+    """Exactly one of ``prompt`` (text), ``messages`` (chat) or ``token_ids``. Unknown fields
+    are refused (a typo such as ``cache_sal`` must not index unsalted), and token ids must be
+    JSON integers (not ``1.0``, ``true`` or ``"1"``)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
-    token_ids: list[int] | None = None
+    token_ids: list[StrictInt] | None = None
     tools: list[dict[str, Any]] | None = None
     cache_salt: str | None = None
     lora_name: str | None = None
@@ -79,7 +83,7 @@ class MatchBody(PromptBody):
 
 
 class RouteBody(PromptBody):
-    loads: dict[str, float] | None = None
+    loads: dict[str, Annotated[float, Field(allow_inf_nan=False)]] | None = None
     lora: str | None = None  # the adapter name; engines map it to their own path
 
 
@@ -251,10 +255,14 @@ def create_app(
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
     def tenant(
+        request: Request,
         x_tenant: str | None = Header(
             default=None, alias=TENANT_HEADER, min_length=1, max_length=256
         ),
     ) -> str | None:
+        if len(request.headers.getlist(TENANT_HEADER)) > 1:
+            # two tenants in one request: "first wins" would let a proxy and a client disagree
+            raise HTTPException(400, f"more than one {TENANT_HEADER} header")
         return x_tenant
 
     @app.middleware("http")
@@ -343,13 +351,16 @@ def create_app(
                 "first_block_hash_hex": p.first_block_hash_hex,
                 "prefix_event_hash": p.prefix_event_hash}  # fmt: skip
 
-    @app.delete("/v1/agents/{agent_id}", dependencies=deps, responses=writes)
+    # ``:path``: an agent id may hold "/" (it can be indexed with one, so it must be deletable)
+    @app.delete("/v1/agents/{agent_id:path}", dependencies=deps, responses=writes)
     def clear(agent_id: str, t: str | None = Depends(tenant)) -> dict[str, int]:
         return {"removed_blocks": m.clear_agent(agent_id, tenant=t)}
 
     @app.get("/v1/agents", dependencies=deps, responses=errors)
-    def agents(t: str | None = Depends(tenant)) -> dict[str, list[str]]:
-        return {"agents": m.agents(tenant=t)}
+    def agents(t: str | None = Depends(tenant)) -> dict[str, Any]:
+        names, degraded = m.list_agents(tenant=t)
+        # the shared index unreachable: say so, never pass an empty list off as the truth
+        return {"agents": names, "degraded": True} if degraded else {"agents": names}
 
     @app.get("/v1/stats", dependencies=deps, responses=errors)
     def stats() -> dict[str, Any]:

@@ -174,10 +174,8 @@ class RedisStore:
                     mask_url(self.url), type(exc).__name__ if exc else "still down",
                     self.failures,
                 )  # fmt: skip
-        why = "" if link_down or exc is None else f" ({str(exc).split(' ', 1)[0]})"
-        raise BackendUnavailableError(
-            f"Redis at {mask_url(self.url)} is unavailable{why}"
-        ) from exc
+        why = "" if link_down or exc is None else f" ({type(exc).__name__})"
+        raise BackendUnavailableError(f"Redis at {mask_url(self.url)} is unavailable{why}") from exc
 
     def health(self) -> dict[str, Any]:
         return {"available": self.available, "failures": self.failures,
