@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvforge import InvalidInputError, PromptTokenizer, UnsupportedInputError
 
@@ -132,3 +134,85 @@ def test_local_tokenizer_file(tmp_path: Path, qwen3: PromptTokenizer) -> None:
         local.encode_chat([{"role": "user", "content": "x"}])
     with pytest.raises(InvalidInputError, match="not found"):
         PromptTokenizer.from_file(tmp_path / "missing.json")
+
+
+# ---- the piecewise cache and the fast encoder: always HF's ids ----------------------------
+
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>",
+            "<think>", "</think>", "<|vision_start|>"]  # fmt: skip
+
+
+def _hf(qwen3: PromptTokenizer, text: str, special: bool = True) -> list[int]:
+    return qwen3._tk.encode(text, add_special_tokens=special).ids
+
+
+def test_the_fast_path_is_active_for_the_shipped_tokenizer(qwen3: PromptTokenizer) -> None:
+    assert qwen3.pieces is not None and qwen3.fast is not None
+
+
+@pytest.mark.parametrize("case", VECTORS, ids=lambda c: c["name"])
+def test_fast_and_piecewise_encoders_give_the_reference_ids(
+    qwen3: PromptTokenizer, case: dict
+) -> None:
+    assert qwen3.pieces is not None
+    for scope in ("t1", "t1", "t2"):  # a miss, a hit, another scope
+        assert qwen3.pieces.encode(case["text"], scope) == case["ids"]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=80),
+            st.sampled_from(SPECIALS),
+            st.text(alphabet=" \t\n\r", max_size=5),
+            st.text(alphabet=st.characters(codec="utf-8"), max_size=400),
+        ),
+        max_size=8,
+    )
+)
+def test_piecewise_equals_a_whole_encode_on_random_text_with_special_tokens(
+    qwen3: PromptTokenizer, parts: list[str]
+) -> None:
+    text = "".join(parts)
+    want = _hf(qwen3, text)
+    assert list(qwen3.encode_text(text, scope="prop").token_ids) == want
+    assert list(qwen3.encode_text(text, scope="prop").token_ids) == want  # from the cache
+    assert qwen3.fast is not None and qwen3.fast(text.replace("<", "")) == _hf(
+        qwen3, text.replace("<", ""), special=False
+    )
+
+
+def test_fast_encoder_on_every_text_we_ship(qwen3: PromptTokenizer) -> None:
+    root = Path(__file__).resolve().parents[1]
+    files = [*sorted((root / "src").rglob("*.py")), *sorted(root.glob("*.md")),
+             *sorted((root / "docs").glob("*.md")), *sorted((root / "tests/data").glob("*.json")),
+             root / "src/kvforge/tokenize/data/qwen3/LICENSE"]  # fmt: skip
+    total = 0
+    for f in files:
+        text = f.read_text("utf-8", errors="replace")
+        assert list(qwen3.encode_text(text, scope="corpus").token_ids) == _hf(qwen3, text), f
+        total += len(text)
+    assert total > 200_000
+
+
+def test_chat_pieces_repeat_across_requests_and_stay_per_tenant(qwen3: PromptTokenizer) -> None:
+    system = "You are one agent of a code-review pipeline. Follow the shared rules. " * 60
+    tools = [{"type": "function", "function": {"name": "run_tests", "description": "x " * 300,
+                                               "parameters": {"type": "object"}}}]  # fmt: skip
+    pieces = qwen3.pieces
+    assert pieces is not None
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "first " * 80}]
+    a = qwen3.encode_chat(msgs, tools=tools, scope="tenant-a")
+    hits = pieces.hits
+    msgs2 = [*msgs, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    b = qwen3.encode_chat(msgs2, tools=tools, scope="tenant-a")
+    assert pieces.hits >= hits + 2  # the system+tools piece and the first turn
+    assert list(b.token_ids) == _hf(qwen3, b.text or "", special=False)
+    assert list(a.token_ids) == _hf(qwen3, a.text or "", special=False)
+    # another tenant sending the same prompt never hits tenant-a's pieces
+    hits = pieces.hits
+    c = qwen3.encode_chat(msgs, tools=tools, scope="tenant-b")
+    assert pieces.hits == hits and c.token_ids == a.token_ids
+    # offsets (for reports) are computed on demand and match the text
+    assert not c.has_offsets and c.char_span(0, 1) == (0, len("<|im_start|>"))

@@ -67,6 +67,8 @@ class TenantLocks:
                 entry = self._registry[tenant] = _TenantLock()
         with entry.lock:
             yield
+
+
 MAX_AGENT_ID = 256
 
 
@@ -146,8 +148,15 @@ class SyncMatcher:
 
     # ---- preparation (pure, lock-free) --------------------------------------------------
     def tokenize(
-        self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        prompt: Prompt,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tenant: str | None = None,
     ) -> TokenizedPrompt:
+        """Token ids within the prompt limits. Repeated pieces (system prompt, tools, earlier
+        turns) come from the tokenizer's piece cache, scoped to ``tenant``: one tenant's
+        requests never make another's faster (no timing oracle)."""
         if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
             raise InvalidInputError(
                 f"prompt has {len(prompt):,} characters; the limit is {self.max_prompt_chars:,}"
@@ -164,7 +173,7 @@ class SyncMatcher:
                 raise InvalidInputError(
                     f"prompt has {len(prompt):,} tokens; the limit is {self.max_prompt_tokens:,}"
                 )
-        tp = self.tokenizer.tokenize(prompt, tools=tools)
+        tp = self.tokenizer.tokenize(prompt, tools=tools, scope=_tenant_key(tenant))
         if len(tp) > self.max_prompt_tokens:
             raise InvalidInputError(
                 f"prompt has {len(tp):,} tokens; the limit is {self.max_prompt_tokens:,}"
@@ -190,12 +199,13 @@ class SyncMatcher:
         cache_salt: str | None = None,
         lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        tenant: str | None = None,
     ) -> tuple[TokenizedPrompt, BlockSequence]:
         """Tokenize and cut a prompt (pure, lock-free): the input of ``match_blocks`` and
         ``index_blocks``, for callers that use one prompt twice."""
         salt = validate_cache_salt(cache_salt)
         lo = LoRA.coerce(lora)
-        tp = self.tokenize(prompt, tools=tools)
+        tp = self.tokenize(prompt, tools=tools, tenant=tenant)
         return tp, BlockSequence(self.hasher, tp.token_ids, cache_salt=salt, lora=lo)
 
     # ---- the API --------------------------------------------------------------------------
@@ -212,7 +222,7 @@ class SyncMatcher:
         """Make ``prompt`` the agent's indexed prompt (replacing its previous one)."""
         _check_agent(agent_id)  # fail fast, before the tokenizer runs
         _tenant_key(tenant)
-        _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
+        _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant)
         return self.index_blocks(agent_id, seq, tenant=tenant, cache_salt=cache_salt, lora=lora)
 
     def _check_quota(self, key: str, agent: str, blocks: int = 0) -> None:
@@ -290,7 +300,7 @@ class SyncMatcher:
         if exclude_agent is not None:
             _check_agent(exclude_agent)
         key = _tenant_key(tenant)
-        tp, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
+        tp, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant)
         return self.match_blocks(
             tp, seq, exclude_agent=exclude_agent, tenant=tenant, _key=key, cache_salt=cache_salt
         )
@@ -418,7 +428,7 @@ class SyncMatcher:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> PrefixHash:
         key = _tenant_key(tenant)
-        _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools)
+        _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant)
         with self.tenant_lock(key):
             n = self.index.lookup(key, seq).deepest_hash_block
         chain = seq.chain_prefix(max(n, 1))
@@ -481,7 +491,8 @@ class SyncMatcher:
 
     # ---- explanation --------------------------------------------------------------------
     def _text(self, tp: TokenizedPrompt, start: int, end: int) -> str:
-        span = tp.char_span(start, end)
+        # offsets only when already at hand: computing them costs a whole HF encode
+        span = tp.char_span(start, end) if tp.has_offsets else None
         if span is not None and tp.text is not None:
             return tp.text[span[0] : span[1]]
         return self.tokenizer.decode(tp.token_ids[start:end])

@@ -375,10 +375,10 @@ def create_app(
         dependencies=deps,
         responses={**errors, 404: {"description": "No engines configured."}},
     )
-    def route(body: RouteBody) -> dict[str, Any]:
+    def route(body: RouteBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
         if router is None:
             raise HTTPException(404, "no engines configured: start the service with engines")
-        tp = m.tokenize(body.value(), tools=body.tools)
+        tp = m.tokenize(body.value(), tools=body.tools, tenant=t)
         # advice only (nothing is forwarded): no speculation, no event expected of the engine
         d = router.route(tp, loads=body.loads, cache_salt=body.cache_salt, lora=body.lora,
                          dispatch=False)  # fmt: skip

@@ -105,7 +105,9 @@ def add_proxy(
             return JSONResponse({"detail": "'messages' must be a non-empty list"}, 422)
         # tokenizing and hashing are CPU work: keep them off the event loop; the matcher's
         # prompt limits apply here as on /v1/* (413)
-        tp = await run_in_threadpool(matcher.tokenize, messages, tools=body.get("tools"))
+        tp = await run_in_threadpool(
+            matcher.tokenize, messages, tools=body.get("tools"), tenant=_tenant(request)
+        )
         d = await run_in_threadpool(decide, tp, body)
         return await forward("/v1/chat/completions", body, d)
 
@@ -117,11 +119,21 @@ def add_proxy(
             prompt = prompt[0]  # a batch: route by its first prompt
         if not isinstance(prompt, str | list) or not prompt:
             return JSONResponse({"detail": "'prompt' must be text or token ids"}, 422)
-        tp = await run_in_threadpool(matcher.tokenize, prompt)
+        tp = await run_in_threadpool(matcher.tokenize, prompt, tenant=_tenant(request))
         d = await run_in_threadpool(decide, tp, body)
         return await forward("/v1/completions", body, d)
 
     return client
+
+
+def _tenant(request: Request) -> str | None:
+    """The caller's tenant (``X-Tenant``), which scopes the tokenizer's piece cache."""
+    values = request.headers.getlist("x-tenant")
+    if len(values) > 1:
+        raise HTTPException(400, "more than one X-Tenant header")
+    if values and not 0 < len(values[0]) <= 256:
+        raise HTTPException(422, "X-Tenant must hold 1 to 256 characters")
+    return values[0] if values else None
 
 
 def _loras(router: Router) -> set[str]:

@@ -18,9 +18,7 @@ import json
 import lzma
 import threading
 from array import array
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +28,8 @@ from tokenizers import Tokenizer
 
 from kvforge.errors import InvalidInputError
 from kvforge.tokenize.chat import ChatTemplate
+from kvforge.tokenize.fast import tiktoken_encoder
+from kvforge.tokenize.pieces import PieceEncoder
 from kvforge.validate import require_utf8, require_utf8_tree
 
 QWEN3_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
@@ -39,23 +39,53 @@ Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 PromptKind = Literal["text", "chat", "tokens"]
 
 
-@dataclass(frozen=True, slots=True)
 class TokenizedPrompt:
-    """Token ids plus, where there was text, the character span of every token."""
+    """Token ids plus, where there was text, the character span of every token.
 
-    token_ids: tuple[int, ...]
-    kind: PromptKind
-    text: str | None = None  # for chat: the rendered template
-    offsets: np.ndarray | None = None  # int64 [n, 2] char offsets into ``text``
+    Offsets cost a whole HF encode, which the fast path skips: they are computed on first use
+    (``offsets``, ``char_span``) and ``has_offsets`` tells whether that happened already."""
+
+    __slots__ = ("_offsets", "_offsets_fn", "kind", "text", "token_ids")
+
+    def __init__(
+        self,
+        token_ids: tuple[int, ...],
+        kind: PromptKind,
+        text: str | None = None,  # for chat: the rendered template
+        offsets: np.ndarray | None = None,  # int64 [n, 2] char offsets into ``text``
+        offsets_fn: Callable[[], np.ndarray] | None = None,
+    ) -> None:
+        self.token_ids = token_ids
+        self.kind = kind
+        self.text = text
+        self._offsets = offsets
+        self._offsets_fn = offsets_fn
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def __repr__(self) -> str:
+        return f"TokenizedPrompt({len(self)} tokens, kind={self.kind!r})"
+
+    @property
+    def offsets(self) -> np.ndarray | None:
+        if self._offsets is None and self._offsets_fn is not None:
+            self._offsets = self._offsets_fn()
+            self._offsets_fn = None
+        return self._offsets
+
+    @property
+    def has_offsets(self) -> bool:
+        return self._offsets is not None
+
     def char_span(self, start: int, end: int) -> tuple[int, int] | None:
         """Character range covered by tokens ``[start, end)``, or None without text."""
-        if self.offsets is None or self.text is None or start >= end:
+        if self.text is None or start >= end:
             return None
-        return int(self.offsets[start, 0]), int(self.offsets[end - 1, 1])
+        off = self.offsets
+        if off is None:
+            return None
+        return int(off[start, 0]), int(off[end - 1, 1])
 
 
 class PromptTokenizer:
@@ -66,10 +96,9 @@ class PromptTokenizer:
         self.template = template
         self.name = name
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._cache: OrderedDict[tuple[str, str], TokenizedPrompt] = OrderedDict()
-        self._cache_tokens = 0
-        self._cache_limit = 500_000  # tokens kept in the repeated-prompt cache (~50 B each)
-        self._lock = threading.Lock()
+        # pieces between added tokens, cached per scope (tenant); None: whole HF encodes
+        self.fast = tiktoken_encoder(tokenizer)
+        self.pieces = PieceEncoder.for_tokenizer(tokenizer, self.fast)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -126,9 +155,10 @@ class PromptTokenizer:
         raise InvalidInputError("tokenizer must be None, a path to tokenizer.json or a tokenizer")
 
     # ---- encoding -----------------------------------------------------------------------
-    def encode_text(self, text: str) -> TokenizedPrompt:
-        """As vLLM's completions endpoint: special tokens in the text are parsed as such."""
-        return self._encode(require_utf8(text, "prompt"), "text", add_special_tokens=True)
+    def encode_text(self, text: str, *, scope: str = "") -> TokenizedPrompt:
+        """As vLLM's completions endpoint: special tokens in the text are parsed as such.
+        ``scope`` (the tenant) keys the piece cache: only its own pieces can hit."""
+        return self._encode(require_utf8(text, "prompt"), "text", True, scope)
 
     def render_chat(
         self,
@@ -151,12 +181,13 @@ class PromptTokenizer:
         messages: Sequence[Mapping[str, Any]],
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        scope: str = "",
         **template_kwargs: Any,
     ) -> TokenizedPrompt:
         require_utf8_tree(messages, "messages")
         require_utf8_tree(tools, "tools")
         rendered = self.render_chat(messages, tools=tools, **template_kwargs)
-        return self._encode(rendered, "chat", add_special_tokens=False)
+        return self._encode(rendered, "chat", False, scope)
 
     def encode_ids(self, ids: Sequence[int]) -> TokenizedPrompt:
         try:
@@ -172,13 +203,17 @@ class PromptTokenizer:
         return TokenizedPrompt(tuple(arr.tolist()), "tokens")
 
     def tokenize(
-        self, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        prompt: Prompt,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        scope: str = "",
     ) -> TokenizedPrompt:
         """Dispatch on the prompt's shape: text, a list of chat messages, or token ids."""
         if isinstance(prompt, str):
             if tools:
                 raise InvalidInputError("tools apply to chat messages, not to plain text")
-            return self.encode_text(prompt)
+            return self.encode_text(prompt, scope=scope)
         if isinstance(prompt, bytes | bytearray):
             raise InvalidInputError("prompt must be str, not bytes; decode it first")
         if isinstance(prompt, np.ndarray):
@@ -188,7 +223,7 @@ class PromptTokenizer:
                 return TokenizedPrompt((), "tokens")
             first = prompt[0]
             if isinstance(first, Mapping):
-                return self.encode_chat(prompt, tools=tools)  # type: ignore[arg-type]
+                return self.encode_chat(prompt, tools=tools, scope=scope)  # type: ignore[arg-type]
             if isinstance(first, int | np.integer) and not isinstance(first, bool):
                 return self.encode_ids(prompt)  # type: ignore[arg-type]
         raise InvalidInputError(
@@ -199,26 +234,23 @@ class PromptTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=False)
 
-    def _encode(self, text: str, kind: PromptKind, *, add_special_tokens: bool) -> TokenizedPrompt:
-        key = (kind, text)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        enc = self._tk.encode(text, add_special_tokens=add_special_tokens)
-        out = TokenizedPrompt(
-            tuple(enc.ids), kind, text, np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    def _encode(
+        self, text: str, kind: PromptKind, add_special_tokens: bool, scope: str
+    ) -> TokenizedPrompt:
+        if self.pieces is not None:
+            ids = tuple(self.pieces.encode(text, scope))
+        else:
+            ids = tuple(self._tk.encode(text, add_special_tokens=add_special_tokens).ids)
+        return TokenizedPrompt(
+            ids, kind, text, offsets_fn=lambda: self._offsets(text, add_special_tokens, ids)
         )
-        with self._lock:
-            # Repeated prompts (system prompts, re-sent turns) are common; keep the recent ones.
-            if key not in self._cache and len(out) <= self._cache_limit // 4:
-                self._cache[key] = out
-                self._cache_tokens += len(out)
-                while self._cache_tokens > self._cache_limit:
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_tokens -= len(old)
-        return out
+
+    def _offsets(self, text: str, add_special_tokens: bool, ids: tuple[int, ...]) -> np.ndarray:
+        """Character offsets of ``ids`` in ``text``, from one HF encode (reports only)."""
+        enc = self._tk.encode(text, add_special_tokens=add_special_tokens)
+        if tuple(enc.ids) != ids:  # cannot happen while the piecewise encoding is exact
+            raise RuntimeError("piecewise and whole encodes differ; please report this text")
+        return np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
 
 
 _QWEN3: PromptTokenizer | None = None
