@@ -176,6 +176,138 @@ def bench_match(
     return rows
 
 
+def varying_depth_index(n_agents: int, rnd: np.random.Generator) -> tuple[SyncMatcher, list[int]]:
+    """The shape every multi-agent pipeline has: ``n_agents`` agents, each holding a *different*
+    length prefix of one shared 2k-token system prompt, then 6k tokens of its own."""
+    m = SyncMatcher()
+    system = rnd.integers(0, VOCAB, 2048).tolist()
+    for a in range(n_agents):
+        depth = int(rnd.integers(0, 2049))
+        own = np.random.default_rng([2, a]).integers(0, VOCAB, 6144).tolist()
+        m.index_prompt(f"agent{a}", system[:depth] + own)
+    return m, system
+
+
+def bench_varying_depth(agent_counts: Sequence[int], reps: int) -> list[str]:
+    """find_reusable_blocks for an 8k query carrying the whole shared prompt, against plain
+    sha256 chain hashing of the same tokens (the baseline the targets are stated in)."""
+    rows = [
+        "| agents | indexed blocks | hashing p50 (ms) | exact + moved p50 (ms) | ratio "
+        "| full report p50 (ms) | ratio | spans truncated |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for n in agent_counts:
+        rnd = np.random.default_rng(n)
+        m, system = varying_depth_index(n, rnd)
+        queries = [
+            m.tokenizer.encode_ids(system + rnd.integers(0, VOCAB, 6144).tolist()) for _ in range(4)
+        ]
+        hash_t, fast_t, full_t = [], [], []
+        cut = False
+        for i in range(reps):  # interleaved: drift hits all three alike
+            tp = queries[i % len(queries)]
+            hash_t.append(timeit(lambda tp=tp, m=m: m.blocks(tp).chain, 1)[0])
+            m.near_radius, m.find_spans = 0, False
+            fast_t.append(timeit(lambda tp=tp, m=m: m.match_blocks(tp, m.blocks(tp)), 1)[0])
+            m.near_radius, m.find_spans = 2, True
+            t0 = time.perf_counter_ns()
+            r = m.match_blocks(tp, m.blocks(tp))
+            full_t.append((time.perf_counter_ns() - t0) / 1e6)
+            cut |= r.truncated
+        h, f, g = (float(np.median(x)) for x in (hash_t, fast_t, full_t))
+        s = m.stats()
+        rows.append(
+            f"| {n:,} | {s['owner_blocks']:,} | {h:.2f} | {f:.2f} | {f / h:.1f}x | {g:.2f} "
+            f"| {g / h:.1f}x | {cut} |"
+        )
+        del m
+        gc.collect()
+    return rows
+
+
+def bench_conversations(n_agents: int, turns: int) -> list[str]:
+    """Conversations that grow turn by turn: each agent's next prompt is its previous one plus
+    a reply and a new message; every turn is matched, then indexed (the live loop)."""
+    rnd = np.random.default_rng(5)
+    system = rnd.integers(0, VOCAB, 1024).tolist()
+    m = SyncMatcher()
+    convo = {a: list(system) for a in range(n_agents)}
+    match_t, index_t = [], []
+    exact_ok = 0
+    for t in range(turns):
+        for a in range(n_agents):
+            convo[a] += rnd.integers(0, VOCAB, int(rnd.integers(64, 512))).tolist()
+            tp = m.tokenizer.encode_ids(convo[a])
+            seq = m.blocks(tp)
+            t0 = time.perf_counter_ns()
+            r = m.match_blocks(tp, seq, exclude_agent=None)
+            match_t.append((time.perf_counter_ns() - t0) / 1e6)
+            exact_ok += t == 0 or r.best_owner == f"agent{a}"
+            t0 = time.perf_counter_ns()
+            m.index_blocks(f"agent{a}", seq)
+            index_t.append((time.perf_counter_ns() - t0) / 1e6)
+    s = m.stats()
+    return [
+        "| agents x turns | final prompt (tokens) | indexed blocks | match p50 (ms) | p99 (ms) "
+        "| re-index p50 (ms) | best owner = own previous turn |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| {n_agents} x {turns} | {len(convo[0]):,} | {s['owner_blocks']:,} | "
+        f"{np.median(match_t):.2f} | {np.percentile(match_t, 99):.2f} | "
+        f"{np.median(index_t):.2f} | {exact_ok / (n_agents * turns):.0%} |",
+    ]
+
+
+def bench_tokenize_repeated(tk: PromptTokenizer, paras: list[str], reps: int) -> list[str]:
+    """An 8k-token chat whose 6k-token system prompt and tool schemas repeat on every request
+    (a new 2k-token user message each time), against a full HF encode of the same text; and
+    fresh text (no cache can help) in tokens/s. Ids are checked equal."""
+    rnd = random.Random(1)
+    system = make_text(paras, tk, 5000, rnd)
+    tools = [
+        {"type": "function", "function": {"name": f"tool{i}",
+         "description": make_text(paras, tk, 100, rnd)[:600],
+         "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+        for i in range(8)
+    ]  # fmt: skip
+    reqs = [
+        [{"role": "system", "content": system},
+         {"role": "user", "content": make_text(paras, tk, 2000, random.Random(100 + i))}]
+        for i in range(reps)
+    ]  # fmt: skip
+    tk.encode_chat(reqs[0], tools=tools, scope="bench")  # the system prompt was seen before
+    hf_t, ours_t = [], []
+    for r in reqs:
+        text = tk.render_chat(r, tools=tools)
+        t0 = time.perf_counter_ns()
+        want = tk._tk.encode(text, add_special_tokens=False).ids
+        hf_t.append(time.perf_counter_ns() - t0)
+        t0 = time.perf_counter_ns()
+        got = tk.encode_chat(r, tools=tools, scope="bench")
+        ours_t.append(time.perf_counter_ns() - t0)
+        assert list(got.token_ids) == want
+    n_tok = len(want)
+    fresh = make_text(paras, tk, 200_000, random.Random(9))
+    fresh_t, fresh_hf = [], []
+    for i in range(3):
+        t0 = time.perf_counter_ns()
+        got = tk.encode_text(fresh, scope=f"fresh-{i}")  # a new scope: nothing cached
+        fresh_t.append(time.perf_counter_ns() - t0)
+        t0 = time.perf_counter_ns()
+        want = tk._tk.encode(fresh).ids
+        fresh_hf.append(time.perf_counter_ns() - t0)
+        assert list(got.token_ids) == want
+    h, o = float(np.median(hf_t)) / 1e6, float(np.median(ours_t)) / 1e6
+    ft, fh = float(np.median(fresh_t)) / 1e9, float(np.median(fresh_hf)) / 1e9
+    return [
+        "| case | tokens | HF encode | kvforge | ratio |",
+        "|---|---:|---:|---:|---:|",
+        f"| chat, repeated 6k system + tools, new 2k user message | {n_tok:,} | {h:.1f} ms | "
+        f"{o:.1f} ms | {h / o:.1f}x |",
+        f"| fresh text (single core) | {len(want):,} | {len(want) / fh / 1e6:.2f}M tok/s | "
+        f"{len(want) / ft / 1e6:.2f}M tok/s | {fh / ft:.1f}x |",
+    ]
+
+
 def bench_reindex(reps: int) -> list[str]:
     """An agent re-indexes its prompt (a conversation grows, a tool result changes) in an
     index of ~100k blocks: the index update alone (blocks prepared and hashed beforehand).
@@ -273,12 +405,13 @@ def bench_seed(tk: PromptTokenizer, paras: list[str]) -> list[str]:
         q_seed = np.median(
             timeit(lambda s=s, query=query: asyncio.run(s.find_reusable_blocks(query)), 3)
         )
-        ours.tokenizer._cache.clear()
+        assert ours.tokenizer.pieces is not None
+        ours.tokenizer.pieces.clear()
         q_ours = np.median(
             timeit(
                 lambda ours=ours, query=query: (
                     ours.find_reusable_blocks(query),
-                    ours.tokenizer._cache.clear(),
+                    ours.tokenizer.pieces.clear(),  # type: ignore[union-attr]
                 ),
                 10,
             )
@@ -302,6 +435,13 @@ def main() -> None:
     print("\n".join(bench_throughput(tk, paras, 5 if args.quick else 20)))
     print("\n## find_reusable_blocks, 8k-token prompt (after tokenization)\n")
     print("\n".join(bench_match(sizes, reps, tk, paras)))
+    print("\n## Tokenization: repeated chat pieces and fresh text (ids equal to HF)\n")
+    print("\n".join(bench_tokenize_repeated(tk, paras, 10 if args.quick else 30)))
+    print("\n## Varying-depth sharing: 8k query, agents at different depths of one prompt\n")
+    counts = (200, 1000) if args.quick else (400, 2000)
+    print("\n".join(bench_varying_depth(counts, 20 if args.quick else 60)))
+    print("\n## Conversations growing turn by turn (match, then re-index, every turn)\n")
+    print("\n".join(bench_conversations(20 if args.quick else 50, 8 if args.quick else 16)))
     print("\n## Re-indexing an agent, ~100k indexed blocks\n")
     print("\n".join(bench_reindex(10 if args.quick else 40)))
     print("\n## Against the seed matcher (same Qwen3 tokenizer)\n")
