@@ -11,7 +11,6 @@ span that long is never missed, whatever its alignment. With ``k = 8, w = 25`` t
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from kvforge.blocks.hashing import _fmix64, _lane_constants
 
@@ -23,13 +22,58 @@ NEAR_CHUNKS = 4  # a block's tokens in 4 chunks: distance <= 3 leaves one chunk 
 MAX_NEAR_RADIUS = NEAR_CHUNKS - 1
 
 
+# Rolling polynomial k-gram hash over Z/2^64: h_i = sum_j (t_{i+j} + C) B^j, from one prefix
+# sum (h_i = (S_{i+k} - S_i) B^-i; B is odd, so invertible), then fmix64 to spread the bits.
+# Position-independent and ~25x cheaper than hashing each k-gram's lanes. A collision only
+# costs a token comparison: every anchor match is verified.
+_B = np.uint64(0x9E3779B97F4A7C15)
+_B_INV = np.uint64(pow(int(_B), -1, 1 << 64))
+_C = np.uint64(0xA5C3_51ED_27D4_EB2F)
+_POW = np.ones(1, dtype=np.uint64)  # B^i, grown on demand
+_IPOW = np.ones(1, dtype=np.uint64)  # B^-i
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    global _POW, _IPOW
+    if _POW.size < n:
+        size = max(n, 2 * _POW.size, 1 << 14)
+        with np.errstate(over="ignore"):
+            pw = np.concatenate(([np.uint64(1)], np.cumprod(np.full(size - 1, _B))))
+            ipw = np.concatenate(([np.uint64(1)], np.cumprod(np.full(size - 1, _B_INV))))
+        _POW, _IPOW = pw, ipw  # swapped in whole: readers on other threads see either pair
+    return _POW, _IPOW
+
+
 def kgram_hashes(tokens: np.ndarray, k: int = ANCHOR_K) -> np.ndarray:
     """64-bit hash of every k-gram (``len(tokens) - k + 1`` of them)."""
     t = np.asarray(tokens, dtype=np.uint64)
-    if t.size < k:
+    n = t.size
+    if n < k:
         return np.zeros(0, dtype=np.uint64)
-    win = sliding_window_view(t, k) ^ _lane_constants(k, seed=0xA5C3)
-    return _fmix64(_fmix64(win.copy()).sum(axis=1, dtype=np.uint64))
+    pw, ipw = _powers(n)
+    with np.errstate(over="ignore"):
+        s = np.empty(n + 1, dtype=np.uint64)
+        s[0] = 0
+        np.cumsum((t + _C) * pw[:n], out=s[1:])
+        h = (s[k:] - s[:-k]) * ipw[: n - k + 1]
+    return _fmix64(h)
+
+
+def window_argmins(h: np.ndarray, w: int) -> np.ndarray:
+    """Position of the rightmost minimum of every window ``h[i : i + w]`` (``h.size >= w``).
+
+    Sparse-table doubling: the best of ``[i, i + 2s)`` is the better of two halves, the right
+    one winning ties (its position is never smaller), then one overlapping pair covers ``w``.
+    O(n log w) in a handful of vector operations."""
+    best = np.arange(h.size)
+    s = 1
+    while 2 * s <= w:
+        a, b = best[:-s], best[s:]
+        best = np.where(h[b] <= h[a], b, a)
+        s *= 2
+    m = h.size - w + 1
+    a, b = best[:m], best[w - s : w - s + m]
+    return np.where(h[b] <= h[a], b, a)
 
 
 def winnow(
@@ -42,9 +86,7 @@ def winnow(
     if h.size <= w:
         pos = np.array([h.size - 1 - int(np.argmin(h[::-1]))])
         return pos, h[pos]
-    win = sliding_window_view(h, w)[:, ::-1]  # reversed: argmin finds the rightmost minimum
-    pos = np.arange(win.shape[0]) + (w - 1 - np.argmin(win, axis=1))
-    pos = np.unique(pos)
+    pos = np.unique(window_argmins(h, w))
     return pos, h[pos]
 
 

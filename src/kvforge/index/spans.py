@@ -35,9 +35,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from kvforge.index.anchors import ANCHOR_K, ANCHOR_W, GUARANTEED_SPAN, kgram_hashes, winnow
+from kvforge.index.anchors import (
+    ANCHOR_K,
+    ANCHOR_W,
+    GUARANTEED_SPAN,
+    kgram_hashes,
+    window_argmins,
+    winnow,
+)
 from kvforge.index.base import SharedSpan, is_excluded
 
 # tokens before a window's last token that the window covers
@@ -74,8 +80,7 @@ def node_anchors(
     if nwin <= 0:
         return empty
     start = base_block * bs
-    win = sliding_window_view(h, ANCHOR_W)[:, ::-1]  # reversed: argmin is the rightmost min
-    rel = np.arange(nwin) + (ANCHOR_W - 1 - np.argmin(win, axis=1))
+    rel = window_argmins(h, ANCHOR_W)
     end_block = (np.arange(nwin) + start + WINDOW_CONTEXT) // bs
     keep = end_block >= first_block
     rel, end_block = rel[keep], end_block[keep]
@@ -95,19 +100,37 @@ class AnchorPostings:
     still owed a removal). A hash with ``omitted[h] > 0`` is a stop-word: a query meeting it
     searches only the kept postings and reports truncation."""
 
-    __slots__ = ("cap", "omitted", "post")
+    __slots__ = ("_arrays", "cap", "omitted", "post")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.post: dict[int, int | set[int]] = {}
         self.omitted: dict[int, int] = {}
+        # shared postings as int64 arrays, built by queries and dropped by writes: a system
+        # prompt's anchors are converted once, not on every query
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def array(self, h: int) -> np.ndarray | None:
+        """The postings of ``h`` as an int64 array (None when there are none)."""
+        arr = self._arrays.get(h)
+        if arr is not None:
+            return arr
+        cur = self.post.get(h)
+        if cur is None:
+            return None
+        if isinstance(cur, int):
+            return np.array([cur], dtype=np.int64)
+        arr = np.fromiter(cur, dtype=np.int64, count=len(cur))
+        self._arrays[h] = arr
+        return arr
 
     def __len__(self) -> int:
         return len(self.post)
 
     def add(self, hashes: Iterable[int], packed: Iterable[int]) -> None:
-        post, cap = self.post, self.cap
+        post, cap, arrays = self.post, self.cap, self._arrays
         for h, v in zip(hashes, packed, strict=True):
+            arrays.pop(h, None)
             cur = post.get(h)
             if cur is None:
                 post[h] = v
@@ -119,8 +142,9 @@ class AnchorPostings:
                 self.omitted[h] = self.omitted.get(h, 0) + 1
 
     def remove(self, hashes: Iterable[int], packed: Iterable[int]) -> None:
-        post, omitted = self.post, self.omitted
+        post, omitted, arrays = self.post, self.omitted, self._arrays
         for h, v in zip(hashes, packed, strict=True):
+            arrays.pop(h, None)
             cur = post.get(h)
             if isinstance(cur, int) and cur == v:
                 del post[h]
@@ -208,25 +232,21 @@ class SpanSearch:
         if pos.size == 0:
             z = np.zeros(0, dtype=np.int64)
             return z, z, z
-        post, omitted = self.t.postings.post, self.t.postings.omitted
+        postings = self.t.postings
+        omitted = postings.omitted
         uniq, inv, occ = np.unique(hashes, return_inverse=True, return_counts=True)
         arrs: list[np.ndarray] = []
         lens = np.zeros(uniq.size, dtype=np.int64)
         empty = np.zeros(0, dtype=np.int64)
         for j, h in enumerate(uniq.tolist()):
-            cur = post.get(h)
-            if cur is None:
+            arr = postings.array(h)
+            if arr is None:
                 arrs.append(empty)
                 continue
             if h in omitted:
                 self.truncated = True
-            size = 1 if isinstance(cur, int) else len(cur)
-            arrs.append(
-                np.array([cur], dtype=np.int64)
-                if isinstance(cur, int)
-                else np.fromiter(cur, dtype=np.int64, count=size)
-            )
-            lens[j] = size
+            arrs.append(arr)
+            lens[j] = arr.size
         per = lens[inv]  # pairs per query anchor, in query order
         # the rank of each query anchor among those of its hash (query order)
         order = np.argsort(inv, kind="stable")
@@ -424,7 +444,8 @@ class SpanSearch:
             # diagonal 0 back to token 0 is the exact prefix run (never a moved span)
             zero = np.flatnonzero(diag == 0)
             if zero.size:
-                agree = self._prefix_agreement(nodes[zero])
+                uniq, back = np.unique(nodes[zero], return_inverse=True)
+                agree = self._prefix_agreement(uniq)[back]
                 drop = zero[qpos[zero] + ANCHOR_K <= agree]
                 keep = np.ones(nodes.size, dtype=bool)
                 keep[drop] = False
