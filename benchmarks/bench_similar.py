@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kvforge import PromptTokenizer, SyncMatcher
+from kvforge.index.anchors import near_chunk_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 151_643
@@ -223,6 +224,125 @@ def bench_latency(sizes: list[int], reps: int) -> list[str]:
     return rows
 
 
+def real_text_paragraphs(tk: PromptTokenizer) -> tuple[list[str], list[str]]:
+    """This repository's paragraphs, split in two: one half is indexed, the other half queries
+    (real text whose common chunks — indentation, punctuation, stop words — are what makes
+    near-duplicate candidate lists long)."""
+    import random
+
+    files = [ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE", ROOT / "README.md",
+             ROOT / "docs/architecture.md", *sorted((ROOT / "src/kvforge").rglob("*.py"))]  # fmt: skip
+    paras = [p for f in files for p in f.read_text("utf-8").split("\n\n") if len(p) > 40]
+    random.Random(5).shuffle(paras)
+    return paras[::2], paras[1::2]
+
+
+def _text(paras: list[str], tk: PromptTokenizer, n_tokens: int, seed: int) -> str:
+    import random
+
+    rnd = random.Random(seed)
+    parts: list[str] = []
+    count = 0
+    while count < n_tokens:
+        parts.append(rnd.choice(paras))
+        count += len(tk.encode_text(parts[-1]).token_ids)
+    return "\n\n".join(parts)
+
+
+def bench_near_real_text(tk: PromptTokenizer, agents_list: list[int], reps: int) -> list[str]:
+    """The near-duplicate query on real text: agents' 8k-token prompts built from one half of
+    the paragraphs, an 8k query from the other half (plus copies with one- and two-token
+    edits), radius 2. Checked against brute force over the distinct stored blocks."""
+    rows = [
+        "| indexed blocks | distinct blocks | near p50 (ms) | p99 (ms) | candidates / query block "
+        "| near blocks found | = brute force |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    indexed, queries = real_text_paragraphs(tk)
+    for agents in agents_list:
+        m = SyncMatcher(tokenizer=tk)
+        for a in range(agents):
+            m.index_prompt(f"a{a}", _text(indexed, tk, 8192, a))
+        t = m.index._tenants["default"]
+        stored = t.c_tokens[: t.c_ids.high]
+        q = np.asarray(m.tokenize(_text(queries, tk, 8192, 10**6)).token_ids[: 8192 - 1024])
+        rng = np.random.default_rng(agents)
+        src = stored[rng.integers(0, stored.shape[0], 64)].astype(np.int64)
+        src[np.arange(64), rng.integers(0, 16, 64)] = rng.integers(0, VOCAB, 64)
+        q = np.concatenate([q[: q.size // 16 * 16], src.ravel()])
+        seq = m.blocks(q.tolist())
+        lat = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            hit = m.index.lookup("default", seq, near_radius=2)
+            lat.append((time.perf_counter() - t0) * 1e3)
+        keys = near_chunk_keys(seq.tokens)
+        cands = [
+            len({c for tab, k in zip(t.near, row, strict=True)
+                 for c in ((tab.get(k),) if isinstance(tab.get(k), int) else tab.get(k, ()))})
+            for row in keys.tolist()
+        ]  # fmt: skip
+        brute = {}
+        for i, row in enumerate(seq.tokens):
+            if i in hit.moved or i < hit.exact_blocks:
+                continue
+            d = (stored != row).sum(axis=1)
+            d = d[(d > 0) & (d <= 2)]
+            if d.size:
+                brute[i] = int(d.min())
+        same = {i: h.distance for i, h in hit.near.items()} == brute
+        s = m.stats()
+        rows.append(
+            f"| {s['owner_blocks']:,} | {s['contents']:,} | {np.median(lat):.2f} | "
+            f"{np.percentile(lat, 99):.2f} | {np.mean(cands):.1f} | {len(hit.near)} | {same} |"
+        )
+        del m, t, stored
+        gc.collect()
+    return rows
+
+
+def bench_spans_varying_depth(agent_counts: list[int], reps: int) -> list[str]:
+    """The moved-span search where every owner shares the query's system prompt at a
+    different depth (nothing is moved, yet every owner meets the query's anchors), and the
+    same with the shared prompt moved behind a per-query preamble (every owner has a span)."""
+    rows = [
+        "| agents | indexed blocks | case | spans found | span search p50 (ms) | truncated |",
+        "|---:|---:|---|---:|---:|---|",
+    ]
+    for n in agent_counts:
+        rnd = np.random.default_rng(n)
+        m = SyncMatcher()
+        system = rnd.integers(0, VOCAB, 2048).tolist()
+        for a in range(n):
+            depth = int(rnd.integers(0, 2049))
+            own = np.random.default_rng([2, a]).integers(0, VOCAB, 6144).tolist()
+            m.index_prompt(f"agent{a}", system[:depth] + own)
+        cases = {
+            "shared prefix (nothing moved)": system + rnd.integers(0, VOCAB, 6144).tolist(),
+            "prompt moved behind a preamble": rnd.integers(0, VOCAB, 40).tolist() + system,
+        }
+        for label, toks in cases.items():
+            seq = m.blocks(toks)
+            lat = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                hit = m.index.lookup("default", seq, spans=True)
+                lat.append((time.perf_counter() - t0) * 1e3)
+            base = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                m.index.lookup("default", seq)
+                base.append((time.perf_counter() - t0) * 1e3)
+            spans_ms = float(np.median(lat)) - float(np.median(base))
+            rows.append(
+                f"| {n:,} | {m.stats()['owner_blocks']:,} | {label} | {len(hit.spans):,} | "
+                f"{spans_ms:.2f} | {hit.truncated} |"
+            )
+        del m
+        gc.collect()
+    return rows
+
+
 def _seed_query_ms(q: np.ndarray, stored: np.ndarray) -> float:
     """The seed's per-query work, faithfully: for every query block, a Python loop over every
     stored SimHash computing a popcount (its own code path, minus the tokenizer)."""
@@ -247,6 +367,11 @@ def main() -> None:
     print("\n## Near-duplicate query, 8k-token prompt (512 blocks), radius 2\n")
     sizes = [10_000, 100_000] if a.quick else [10_000, 100_000, 1_000_000]
     print("\n".join(bench_latency(sizes, 20 if a.quick else 50)))
+    print("\n## Near-duplicate query on real text, 8k-token prompt, radius 2\n")
+    print("\n".join(bench_near_real_text(tk, [200] if a.quick else [200, 2000], 20)))
+    print("\n## Moved-span search, agents sharing one system prompt at different depths\n")
+    counts = [400] if a.quick else [400, 2000]
+    print("\n".join(bench_spans_varying_depth(counts, 10 if a.quick else 30)))
 
 
 if __name__ == "__main__":

@@ -213,10 +213,10 @@ class SpanSearch:
         self.truncated = False
         self._tokens_left = budget.max_tokens
         self._runs_left = budget.max_runs
-        self._toks: dict[int, np.ndarray] = {}
         self._seen: set[tuple[int, int, int]] = set()  # (block at the left end, left end, diag)
-        # per diagonal, the path segments already walked: (rep, first depth, last depth,
-        # left, right)
+        # runs already walked: short path segments marked per (block, diagonal), long ones
+        # listed per diagonal as (rep, first depth, last depth, left, right)
+        self._marked: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self._covered: dict[int, list[tuple[int, int, int, int, int]]] = {}
         self._per_owner: dict[int, int] = {}
         self._full = 0  # owners at their span cap
@@ -304,18 +304,20 @@ class SpanSearch:
         return agree
 
     # ---- verification -------------------------------------------------------------------
-    def _owner_toks(self, oid: int) -> np.ndarray:
-        o = self._toks.get(oid)
-        if o is None:
-            o = self._toks[oid] = self.t.owner_tokens(oid)
-        return o
+    def _tokens(self, rep: int, lo: int, hi: int) -> np.ndarray:
+        """Tokens ``[lo, hi)`` of ``rep``'s path, gathered from just the blocks they lie in
+        (an extension reads what it compares, never a whole 8k-token prompt)."""
+        t, bs = self.t, self.t.bs
+        first = lo // bs
+        rows = t.c_tokens[t.b_content[t.owner_blocks[rep][first : (hi - 1) // bs + 1]]]
+        return rows.ravel()[lo - first * bs : hi - first * bs]
 
     def _spend(self, n: int) -> None:
         self._tokens_left -= n
         if self._tokens_left < 0:
             raise _Stop
 
-    def _extend_left(self, o: np.ndarray, op: int, d: int) -> int:
+    def _extend_left(self, rep: int, op: int, d: int) -> int:
         """First owner position of the run of equal tokens that ends at ``op`` (exclusive)."""
         q = self.q
         floor = max(0, -d)
@@ -323,21 +325,21 @@ class SpanSearch:
         while hi > floor:
             lo = max(floor, hi - step)
             self._spend(hi - lo)
-            eq = q[lo + d : hi + d] == o[lo:hi]
+            eq = q[lo + d : hi + d] == self._tokens(rep, lo, hi)
             if not eq.all():
                 return lo + int(np.flatnonzero(~eq)[-1]) + 1
             hi, step = lo, step * 4
         return floor
 
-    def _extend_right(self, o: np.ndarray, start: int, d: int) -> int:
+    def _extend_right(self, rep: int, start: int, d: int) -> int:
         """End (exclusive, owner position) of the run of equal tokens from ``start``."""
         q = self.q
-        ceil = min(o.size, q.size - d)
+        ceil = min(self.t.owner_blocks[rep].size * self.t.bs, q.size - d)
         lo, step = start, 64
         while lo < ceil:
             hi = min(ceil, lo + step)
             self._spend(hi - lo)
-            eq = q[lo + d : hi + d] == o[lo:hi]
+            eq = q[lo + d : hi + d] == self._tokens(rep, lo, hi)
             if not eq.all():
                 return lo + int(np.argmin(eq))
             lo, step = hi, step * 4
@@ -376,10 +378,10 @@ class SpanSearch:
         path = t.owner_blocks[rep]
         last = (right - 1) // bs
         q_end = self.q.size - d  # owner position where the query ends on this diagonal
+        self._cover(rep, first, max(first, last), left, right, d)
         if last < first:  # the branch's first block already mismatches
             self._emit_all(int(path[first]), left, right, d)
             return
-        self._covered.setdefault(d, []).append((rep, first, last, left, right))
         # owners leave the path only where its owner count drops (sets shrink along a chain)
         nown = t.b_nown[path[first : last + 2]]
         drops = (np.flatnonzero(nown[:-1] != nown[1:]) + first).tolist()
@@ -412,19 +414,44 @@ class SpanSearch:
         self._runs_left -= 1
         if self._runs_left < 0:
             raise _Stop
-        rep = int(self.t.b_owner[child])
-        right = self._extend_right(self._owner_toks(rep), start, d)
-        self._walk(rep, start // self.t.bs, left, right, d)
+        t = self.t
+        rep = int(t.b_owner[child])
+        # most branches mismatch inside their first block (an owner's own text after a shared
+        # prompt): compare that block alone before materializing the owner's tokens
+        qs = start + d
+        avail = min(t.bs, self.q.size - qs)
+        self._spend(avail)
+        eq = t.c_tokens[t.b_content[child], :avail] == self.q[qs : qs + avail]
+        if not eq.all():
+            right = start + int(np.argmin(eq))
+        else:
+            right = self._extend_right(rep, start + avail, d)
+        self._walk(rep, start // t.bs, left, right, d)
+
+    def _cover(self, rep: int, first: int, last: int, left: int, right: int, d: int) -> None:
+        if last - first < 16:
+            path = self.t.owner_blocks[rep]
+            for x in range(first, last + 1):
+                self._marked.setdefault((int(path[x]), d), []).append((left, right))
+        else:
+            self._covered.setdefault(d, []).append((rep, first, last, left, right))
 
     def _is_covered(self, b: int, op: int, d: int) -> bool:
-        """Whether a walked run on diagonal ``d`` passed through block ``b`` and holds the
-        anchor ``[op, op + K)``: then every owner's run through it is already emitted."""
+        """Whether a walked run on diagonal ``d`` holds the anchor ``[op, op + K)`` and passed
+        through the block of the anchor's last token (``b`` or an ancestor: the window that
+        posted it may end further on): then every owner's run through it is emitted."""
+        t = self.t
+        end = op + ANCHOR_K
+        target = (end - 1) // t.bs
+        while t.b_depth[b] > target:
+            b = int(t.b_parent[b])
+        for lo, hi in self._marked.get((b, d), ()):
+            if lo <= op and end <= hi:
+                return True
         segs = self._covered.get(d)
         if not segs:
             return False
-        t = self.t
         depth = int(t.b_depth[b])
-        end = op + ANCHOR_K
         for rep, first, last, lo, hi in segs:
             if (
                 first <= depth <= last
@@ -460,11 +487,10 @@ class SpanSearch:
                 if self._is_covered(b, op, d):
                     continue
                 rep = int(t.b_owner[b])
-                o = self._owner_toks(rep)
                 self._spend(ANCHOR_K)
-                if not (self.q[p : p + ANCHOR_K] == o[op : op + ANCHOR_K]).all():
+                if not (self.q[p : p + ANCHOR_K] == self._tokens(rep, op, op + ANCHOR_K)).all():
                     continue  # a k-gram hash collision
-                left = self._extend_left(o, op, d)
+                left = self._extend_left(rep, op, d)
                 key = (int(t.owner_blocks[rep][left // bs]), left, d)
                 if key in self._seen:
                     continue
@@ -474,7 +500,7 @@ class SpanSearch:
                     raise _Stop
                 # a run too short for ``rep`` may still be long for owners that branch off
                 # its path: the walk follows them
-                right = self._extend_right(o, op + ANCHOR_K, d)
+                right = self._extend_right(rep, op + ANCHOR_K, d)
                 self._walk(rep, left // bs, left, right, d)
         except _Stop:
             self.truncated = True
