@@ -230,8 +230,12 @@ def real_text_paragraphs(tk: PromptTokenizer) -> tuple[list[str], list[str]]:
     near-duplicate candidate lists long)."""
     import random
 
-    files = [ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE", ROOT / "README.md",
-             ROOT / "docs/architecture.md", *sorted((ROOT / "src/kvforge").rglob("*.py"))]  # fmt: skip
+    files = [
+        ROOT / "src/kvforge/tokenize/data/qwen3/LICENSE",
+        ROOT / "README.md",
+        ROOT / "docs/architecture.md",
+        *sorted((ROOT / "src/kvforge").rglob("*.py")),
+    ]
     paras = [p for f in files for p in f.read_text("utf-8").split("\n\n") if len(p) > 40]
     random.Random(5).shuffle(paras)
     return paras[::2], paras[1::2]
