@@ -9,6 +9,7 @@ missing. Hashes arrive as u64 (default) or raw digest bytes; both normalise to t
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import msgspec
@@ -207,8 +208,10 @@ def _hashable(x: Any, depth: int = 0) -> bool:
 
 
 def _check_ids(ids: list[int], what: str) -> None:
-    if ids and (min(ids) < 0 or max(ids) > _U32):
-        raise MalformedEventError(f"{what}: a token id outside uint32")
+    try:
+        array("I", ids)  # one C pass: refuses negatives and ids over uint32
+    except (OverflowError, TypeError):
+        raise MalformedEventError(f"{what}: a token id outside uint32") from None
 
 
 def validate_batch(batch: KVEventBatch) -> KVEventBatch:
@@ -245,14 +248,23 @@ def parse_batch(payload: bytes) -> KVEventBatch:
     return validate_batch(normalize_hashes(decode_batch(payload)))
 
 
+def _all_u64(hs: list[HashValue]) -> bool:
+    """Every hash an int in [0, 2^64) (msgpack ints never exceed it; int64 ones may be < 0)."""
+    try:
+        lo = min(hs)  # type: ignore[type-var]
+    except TypeError:  # ints mixed with bytes
+        return False
+    return type(lo) is int and lo >= 0
+
+
 def normalize_hashes(batch: KVEventBatch) -> KVEventBatch:
     """Turn every block hash into its u64 form, in place; raises MalformedEventError before
     anything is applied when one is unusable."""
     for ev in batch.events:
         if isinstance(ev, BlockStored | BlockRemoved):
             hs = ev.block_hashes
-            # the common case (u64 from msgspec) needs no conversion
-            if not all(type(h) is int and 0 <= h <= _U64 for h in hs):
+            # the common case (u64 from msgspec) needs no conversion: one C pass tells
+            if hs and not _all_u64(hs):
                 ev.block_hashes = [to_u64(h) for h in hs]
         if isinstance(ev, BlockStored) and ev.parent_block_hash is not None:
             ev.parent_block_hash = to_u64(ev.parent_block_hash)

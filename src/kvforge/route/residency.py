@@ -26,6 +26,7 @@ from kvforge.events.schema import (
     BlockRemoved,
     BlockStored,
     KVEventBatch,
+    _all_u64,
     to_u64,
 )
 
@@ -163,6 +164,18 @@ class ResidencyIndex:
         counts = e.counts.setdefault(medium, {})
         masks = self._masks.setdefault(medium, {})
         bit = e.bit
+        if type(hashes) is list and _fresh(hashes, counts):
+            # the common case, in C: blocks new to this engine, no repeats within the event
+            counts.update(dict.fromkeys(hashes, 1))
+            shared = masks.keys() & hashes  # held by other engines already
+            if shared:
+                for h in shared:
+                    masks[h] |= bit
+                masks.update((h, bit) for h in hashes if h not in shared)
+            else:
+                masks.update(dict.fromkeys(hashes, bit))
+            self.blocks_applied += len(hashes)
+            return
         for raw in hashes:
             h = raw if type(raw) is int and raw >= 0 else to_u64(raw)
             c = counts.get(h, 0)
@@ -175,9 +188,12 @@ class ResidencyIndex:
         n, bs = len(ev.block_hashes), ev.block_size
         if n == 0 or bs <= 0 or len(ev.token_ids) != n * bs:
             return  # masked or hybrid groups carry no usable token ids
-        hashes = [h if type(h) is int and h >= 0 else to_u64(h) for h in ev.block_hashes]
+        hashes = ev.block_hashes  # u64 ints (normalize_hashes ran on every decoded batch)
+        if not _all_u64(hashes):
+            hashes = [to_u64(h) for h in hashes]
         known = self._tree_key
-        if all(h in known for h in hashes):
+        seen = known.keys() & hashes
+        if len(seen) == n:
             return  # a re-announcement (report mode "full")
         cks = block_keys(array("I", ev.token_ids), bs, self.secret)
         prev = ev.parent_block_hash
@@ -187,9 +203,13 @@ class ResidencyIndex:
         else:
             root = prev if type(prev) is int else to_u64(prev)
         tree = self._tree
-        for parent, ck, h in zip([root, *hashes[:-1]], cks, hashes, strict=True):
+        keys = list(zip([root, *hashes[:-1]], cks, strict=True))
+        if not seen and len(set(hashes)) == n:  # all new and distinct: two bulk updates in C
+            tree.update(zip(keys, hashes, strict=True))
+            known.update(zip(hashes, keys, strict=True))
+            return
+        for key, h in zip(keys, hashes, strict=True):
             if h not in known:
-                key = (parent, ck)
                 tree[key] = h
                 known[h] = key
 
@@ -412,6 +432,13 @@ class PrefixWalk:
             held = self.position if self.alive & b else self._held_upto.get(b, 0)
             out[n] = PrefixScore(held, held - self._discount.get(b, 0.0))
         return out
+
+
+def _fresh(hashes: list[Any], counts: dict[int, int]) -> bool:
+    """All u64 ints, none held yet, none repeated: the bulk path of ``_store`` applies."""
+    if not hashes or not _all_u64(hashes):
+        return False
+    return len(set(hashes)) == len(hashes) and not (counts.keys() & hashes)
 
 
 def block_keys(tokens: array, block_size: int, secret: int) -> list[int]:
