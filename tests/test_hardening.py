@@ -409,3 +409,34 @@ def test_tenants_are_cheap_and_blocks_are_capped() -> None:
     r = c.post("/v1/index", json={"agent_id": "big", "token_ids": list(range(16 * 800))})
     assert r.status_code == 429 and "max_blocks" in r.text
     assert m.index.held_blocks() == 301  # nothing was added
+
+
+def test_a_chunked_body_cannot_pass_the_size_limit() -> None:
+    """``max_body_bytes`` used to trust Content-Length: a chunked upload was read whole."""
+    router = Router([EngineConfig("e0", url="http://127.0.0.1:9")], speculative_ttl=0)
+    m = SyncMatcher()
+    c = TestClient(create_app(m, router=router, subscribe=False, max_body_bytes=10_000))
+
+    def chunks(n: int):
+        yield b'{"agent_id": "a", "prompt": "'
+        for _ in range(n):
+            yield b"x" * 1000
+        yield b'"}'
+
+    for path in ("/v1/index", "/v1/match", "/v1/chat/completions"):
+        r = c.post(path, content=chunks(50), headers={"content-type": "application/json"})
+        assert r.status_code == 413, (path, r.status_code)
+    r = c.post("/v1/index", content=chunks(2), headers={"content-type": "application/json"})
+    assert r.status_code == 200 and m.agents() == ["a"]  # under the limit: served
+    text = c.get("/metrics").text
+    assert 'kvforge_requests_total{endpoint="/v1/index",status="413"} 1.0' in text
+
+
+def test_metric_labels_never_come_from_caller_paths() -> None:
+    c = TestClient(create_app(SyncMatcher()))
+    for i in range(50):
+        c.delete(f"/v1/agents/agent-{i}")
+        c.get(f"/nope/{i}")
+    text = c.get("/metrics").text
+    assert "agent-7" not in text and "/nope" not in text
+    assert 'endpoint="/v1/agents/{agent_id}"' in text and 'endpoint="other"' in text

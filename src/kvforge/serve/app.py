@@ -192,6 +192,91 @@ class _SnapshotCollector(Collector):
         yield from (saves, failed)
 
 
+_METRIC_PATHS = {
+    "/healthz", "/metrics", "/v1/index", "/v1/match", "/v1/prefix-hash", "/v1/agents",
+    "/v1/stats", "/v1/route", "/v1/chat/completions", "/v1/completions",
+    "/openapi.json", "/docs", "/redoc",
+}  # fmt: skip
+
+
+class _LimitsAndMetrics:
+    """Pure ASGI middleware (no per-request task or response copy, unlike ``BaseHTTPMiddleware``):
+    the body limit, enforced while the body streams in — a ``Content-Length`` over the limit is
+    refused at once, a chunked body is read up to the limit and refused when it passes it
+    (memory stays bounded; the app then reads the buffered body) — and request metrics,
+    labelled by route (never by a caller-chosen path: labels stay few)."""
+
+    def __init__(self, app: Any, *, metrics: _Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max = max_body_bytes
+
+    @staticmethod
+    def _label(path: str) -> str:
+        if path in _METRIC_PATHS:
+            return path
+        return "/v1/agents/{agent_id}" if path.startswith("/v1/agents/") else "other"
+
+    async def _refuse(self, send: Any) -> None:
+        body = _json.encode({"detail": f"request body over the {self.max:,}-byte limit"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            length = None
+            for k, v in scope.get("headers", ()):
+                if k == b"content-length":
+                    length = v
+            if length is not None:
+                if not length.isdigit() or int(length) > self.max:
+                    await self._refuse(send_wrapper)
+                    return
+                await self.app(scope, receive, send_wrapper)
+                return
+            if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+                await self.app(scope, receive, send_wrapper)
+                return
+            # no length given (chunked): read it here, never past the limit
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max:
+                    await self._refuse(send_wrapper)
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+            async def replay_receive() -> Any:
+                return replay.pop() if replay else await receive()
+
+            await self.app(scope, replay_receive, send_wrapper)
+        finally:
+            label = self._label(scope.get("path", ""))
+            self.metrics.requests.labels(label, str(status[0])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+
+
 def create_app(
     matcher: SyncMatcher | None = None,
     *,
@@ -265,20 +350,7 @@ def create_app(
             raise HTTPException(400, f"more than one {TENANT_HEADER} header")
         return x_tenant
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next: Any) -> Any:
-        endpoint = request.url.path
-        start = time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            response: Any = JSONResponse(
-                {"detail": f"request body over the {max_body_bytes:,}-byte limit"}, 413
-            )
-        else:
-            response = await call_next(request)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_LimitsAndMetrics, metrics=metrics, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
