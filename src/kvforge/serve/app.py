@@ -31,12 +31,14 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from starlette.concurrency import run_in_threadpool
 
 from kvforge.errors import InvalidInputError, KvforgeError, QuotaExceededError
 from kvforge.events.subscriber import EventSubscriber
 from kvforge.match import SyncMatcher
 from kvforge.persist import Snapshotter
 from kvforge.route import Router
+from kvforge.serve.bodies import BodyError, MatchStruct, RouteStruct, decode
 from kvforge.serve.proxy import add_proxy
 from kvforge.store import BackendUnavailableError
 
@@ -362,6 +364,10 @@ def create_app(
         ]
         return JSONResponse({"detail": detail}, status_code=422)
 
+    @app.exception_handler(BodyError)
+    async def _bad_body(request: Request, exc: BodyError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=422)
+
     @app.exception_handler(BackendUnavailableError)
     async def _backend_down(request: Request, exc: BackendUnavailableError) -> JSONResponse:
         # a write that could not reach the shared index: nothing changed, the caller may retry
@@ -404,8 +410,20 @@ def create_app(
                 "new_blocks": r.new_blocks, "shared_blocks": r.shared_blocks,
                 "block_hashes": list(r.block_hashes)}  # fmt: skip
 
-    @app.post("/v1/match", dependencies=deps, response_class=Response, responses=errors)
-    def match(body: MatchBody, t: str | None = Depends(tenant)) -> Response:
+    def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+        """The pydantic model documents a body that msgspec decodes (``bodies``)."""
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": model.model_json_schema()}}}}  # fmt: skip
+
+    invalid = {422: {"description": "The body does not decode (FastAPI's error shape)."}}
+
+    @app.post("/v1/match", dependencies=deps, response_class=Response,
+              responses={**errors, **invalid}, openapi_extra=body_schema(MatchBody))  # fmt: skip
+    async def match(request: Request, t: str | None = Depends(tenant)) -> Response:
+        body = decode(await request.body(), MatchStruct)
+        return await run_in_threadpool(_match, body, t)
+
+    def _match(body: MatchStruct, t: str | None) -> Response:
         r = m.find_reusable_blocks(body.value(), exclude_agent=body.exclude_agent, tenant=t,
                                    cache_salt=body.cache_salt, lora=body.lora_pair(),
                                    tools=body.tools)  # fmt: skip
@@ -445,17 +463,24 @@ def create_app(
     @app.post(
         "/v1/route",
         dependencies=deps,
-        responses={**errors, 404: {"description": "No engines configured."}},
+        response_class=Response,
+        responses={**errors, **invalid, 404: {"description": "No engines configured."}},
+        openapi_extra=body_schema(RouteBody),
     )
-    def route(body: RouteBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
+    async def route(request: Request, t: str | None = Depends(tenant)) -> Response:
         if router is None:
             raise HTTPException(404, "no engines configured: start the service with engines")
+        body = decode(await request.body(), RouteStruct)
+        return await run_in_threadpool(_route, router, body, t)
+
+    def _route(router: Router, body: RouteStruct, t: str | None) -> Response:
         tp = m.tokenize(body.value(), tools=body.tools, tenant=t)
         # advice only (nothing is forwarded): no speculation, no event expected of the engine
         d = router.route(tp, loads=body.loads, cache_salt=body.cache_salt, lora=body.lora,
                          dispatch=False)  # fmt: skip
-        return {"engine": d.engine, "cached_blocks": d.cached_blocks, "num_blocks": d.num_blocks,
-                "scores": d.scores, "reason": d.reason}  # fmt: skip
+        out = {"engine": d.engine, "cached_blocks": d.cached_blocks, "num_blocks": d.num_blocks,
+               "scores": d.scores, "reason": d.reason}  # fmt: skip
+        return Response(_json.encode(out), media_type="application/json")
 
     if router is not None and any(e.url for e in router.engines.values()):
         resources["client"] = add_proxy(app, m, router, deps)
