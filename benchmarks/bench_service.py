@@ -101,26 +101,38 @@ def main() -> None:
     system = rng.integers(0, VOCAB, 1024).tolist()
     for i in range(200):  # ~100k indexed blocks
         m.index_prompt(f"agent{i}", system + rng.integers(0, VOCAB, 7168).tolist())
-    router = Router([EngineConfig(f"e{i}") for i in range(8)], speculative_ttl=0)
+    router = Router(
+        [EngineConfig(f"e{i}") for i in range(8)], speculative_ttl=0, tokenizer=m.tokenizer
+    )
     prompt = system + rng.integers(0, VOCAB, 7168).tolist()  # 8k tokens, 64 blocks shared
     router.residency.store("e3", chain_keys(BlockHasher().chain(prompt)).tolist())
+    # the live shape: an ~8k-token chat whose system prompt and tools repeat on every request
+    words = " ".join(f"rule{i} keep changes small and reviewed." for i in range(900))
+    tools = [{"type": "function", "function": {"name": f"tool{i}", "description": words[:800],
+              "parameters": {"type": "object"}}} for i in range(6)]  # fmt: skip
+    chat = [{"role": "system", "content": words},
+            {"role": "user", "content": " ".join(f"step {i} of the plan" for i in range(400))}]  # fmt: skip
+    held = m.blocks(m.tokenize(chat, tools=tools))
+    router.residency.store("e5", held.chain_keys[: held.num_blocks * 3 // 4].tolist())
     proc, url = _server(create_app(m, router=router, subscribe=False))
     rows = [
-        "| call (8k-token prompt as token ids) | concurrency | requests/s | p50 (ms) | p99 (ms) | "
+        "| call (8k-token prompt) | concurrency | requests/s | p50 (ms) | p99 (ms) | "
         "in-process p50 (ms) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     try:
         body = {"token_ids": prompt}
-        for path, fn in (
-            ("/v1/match", lambda: m.find_reusable_blocks(prompt)),
-            ("/v1/route", lambda: router.route_tokens(prompt)),
-        ):
+        for label, path, req, fn in (
+            ("token ids", "/v1/match", body, lambda: m.find_reusable_blocks(prompt)),
+            ("token ids", "/v1/route", body, lambda: router.route_tokens(prompt)),
+            ("chat, repeated system + tools", "/v1/route", {"messages": chat, "tools": tools},
+             lambda: router.route(m.tokenize(chat, tools=tools), dispatch=False)),
+        ):  # fmt: skip
             local = statistics.median(in_process(fn, 30))
             for workers in (1, 4, 16):
-                rps, lat = load(url, path, body, workers, max(5, per // workers * 2))
+                rps, lat = load(url, path, req, workers, max(5, per // workers * 2))
                 rows.append(
-                    f"| POST {path} | {workers} | {rps:,.0f} | {np.median(lat):.2f} | "
+                    f"| POST {path} ({label}) | {workers} | {rps:,.0f} | {np.median(lat):.2f} | "
                     f"{np.percentile(lat, 99):.2f} | {local:.2f} |"
                 )
     finally:
