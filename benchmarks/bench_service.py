@@ -110,8 +110,8 @@ def main() -> None:
     words = " ".join(f"rule{i} keep changes small and reviewed." for i in range(900))
     tools = [{"type": "function", "function": {"name": f"tool{i}", "description": words[:800],
               "parameters": {"type": "object"}}} for i in range(6)]  # fmt: skip
-    chat = [{"role": "system", "content": words},
-            {"role": "user", "content": " ".join(f"step {i} of the plan" for i in range(400))}]  # fmt: skip
+    user = " ".join(f"step {i} of the plan" for i in range(400))
+    chat = [{"role": "system", "content": words}, {"role": "user", "content": user}]
     held = m.blocks(m.tokenize(chat, tools=tools))
     router.residency.store("e5", held.chain_keys[: held.num_blocks * 3 // 4].tolist())
     proc, url = _server(create_app(m, router=router, subscribe=False))
