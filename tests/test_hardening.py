@@ -440,3 +440,24 @@ def test_metric_labels_never_come_from_caller_paths() -> None:
     text = c.get("/metrics").text
     assert "agent-7" not in text and "/nope" not in text
     assert 'endpoint="/v1/agents/{agent_id}"' in text and 'endpoint="other"' in text
+
+
+@pytest.mark.parametrize(
+    "calls", [5, ["x"], [{"function": 5}]], ids=["int", "list-of-str", "function-int"]
+)
+def test_malformed_tool_calls_are_422_not_500(calls: object) -> None:
+    router = Router([EngineConfig("e0")], speculative_ttl=0)
+    c = TestClient(create_app(SyncMatcher(), router=router), raise_server_exceptions=False)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": calls}]
+    for path, extra in (("/v1/match", {}), ("/v1/route", {}), ("/v1/index", {"agent_id": "a"})):
+        r = c.post(path, json={"messages": msgs, **extra})
+        assert r.status_code == 422, (path, r.status_code, r.text)
+
+
+def test_a_proxied_model_that_is_not_a_string_is_not_a_crash() -> None:
+    router = Router([EngineConfig("e0", url="http://127.0.0.1:9")], speculative_ttl=0)
+    c = TestClient(create_app(SyncMatcher(), router=router, subscribe=False),
+                   raise_server_exceptions=False)  # fmt: skip
+    for model in ([1], {"a": 1}):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/chat/completions", json=body).status_code == 502  # routed, forwarded

@@ -48,7 +48,8 @@ def add_proxy(
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
 
     def decide(tp: TokenizedPrompt, body: dict[str, Any]) -> RouteDecision:
-        lora = body.get("model") if body.get("model") in _loras(router) else None
+        model = body.get("model")
+        lora = model if isinstance(model, str) and model in _loras(router) else None
         return router.route(tp, loads=inflight.loads(), cache_salt=body.get("cache_salt"),
                             lora=lora, engines=list(engines))  # fmt: skip
 

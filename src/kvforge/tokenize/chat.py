@@ -95,6 +95,12 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise InvalidInputError(f"chat template rejected the messages: {exc}") from exc
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            # shapes the template cannot walk (``tool_calls: 5``, ``["x"]``): the caller's input,
+            # not a server error
+            raise InvalidInputError(
+                f"the messages do not fit the chat template ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def normalize_message(message: Any, index: int) -> dict[str, Any]:
@@ -123,10 +129,16 @@ def normalize_message(message: Any, index: int) -> dict[str, Any]:
         raise InvalidInputError(f"message {index}: content must be a string or a list of parts")
     calls = message.get("tool_calls")
     if calls:
+        if not isinstance(calls, list | tuple) or not all(isinstance(c, Mapping) for c in calls):
+            raise InvalidInputError(f"message {index}: tool_calls must be a list of objects")
         fixed = []
         for call in calls:
             call = dict(call)
             fn = call.get("function")
+            if fn is not None and not isinstance(fn, Mapping):
+                raise InvalidInputError(
+                    f"message {index}: a tool call's function must be an object"
+                )
             if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), str):
                 fn = dict(fn)
                 # on invalid JSON the template prints the string verbatim
