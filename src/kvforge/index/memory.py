@@ -137,6 +137,8 @@ class _Tenant:
         self.content_blocks: dict[int, set[int]] = {}
         # near-duplicates: per chunk, chunk key -> content id (or a set of them)
         self.near: list[dict[int, int | set[int]]] = [{} for _ in range(NEAR_CHUNKS)]
+        # shared buckets as arrays, built by queries, dropped by writes to the bucket
+        self.near_arrays: list[dict[int, np.ndarray]] = [{} for _ in range(NEAR_CHUNKS)]
         # moved spans: anchor hash -> packed (chain block << 32 | token position)
         self.postings = AnchorPostings(budget.max_postings)
         self.budget = budget
@@ -456,14 +458,16 @@ class _Tenant:
     def _near_add(self, cids: np.ndarray) -> None:
         keys = near_chunk_keys(self.c_tokens[cids]).tolist()
         for cid, row in zip(cids.tolist(), keys, strict=True):
-            for table, key in zip(self.near, row, strict=True):
+            for table, cache, key in zip(self.near, self.near_arrays, row, strict=True):
                 _mm_add(table, key, cid)
+                cache.pop(key, None)
 
     def _near_remove(self, cids: np.ndarray) -> None:
         keys = near_chunk_keys(self.c_tokens[cids]).tolist()
         for cid, row in zip(cids.tolist(), keys, strict=True):
-            for table, key in zip(self.near, row, strict=True):
+            for table, cache, key in zip(self.near, self.near_arrays, row, strict=True):
                 _mm_discard(table, key, cid)
+                cache.pop(key, None)
 
     def closest_owner(self, first_block: np.ndarray, exclude: str | None) -> str | None:
         """The owner whose block 0 shares the longest token prefix with ``first_block``; ties
@@ -574,22 +578,37 @@ class _Tenant:
         if not todo:
             return {}
         keys = near_chunk_keys(seq.tokens[todo]).T.tolist()
-        # one C-level pass per chunk table; Python only touches the blocks with candidates
-        found = [list(map(table.get, col)) for table, col in zip(self.near, keys, strict=True)]
-        q_idx: list[int] = []
-        cand: list[int] = []
-        for j, hits in enumerate(zip(*found, strict=True)):
-            if not any(h is not None for h in hits):
-                continue
-            seen: set[int] = set()
-            for h in hits:
-                seen.update(_mm_values(h))
-            q_idx += [todo[j]] * len(seen)
-            cand += seen
-        if not cand:
+        # Pigeonhole, sharpened: a block within distance r differs in at most r positions, so
+        # at least NEAR_CHUNKS - r of its chunks are intact — a candidate must appear in that
+        # many of the query block's buckets (exact, and it prunes the common chunks of real
+        # text: indentation, punctuation, stop words). Buckets are arrays, counted at once.
+        need = NEAR_CHUNKS - radius
+        parts: list[np.ndarray] = []
+        owner_row: list[int] = []
+        for table, cache, col in zip(self.near, self.near_arrays, keys, strict=True):
+            for j, key in enumerate(col):
+                cur = table.get(key)
+                if cur is None:
+                    continue
+                if isinstance(cur, int):
+                    parts.append(np.array([cur], dtype=np.int64))
+                else:
+                    arr = cache.get(key)
+                    if arr is None:
+                        arr = cache[key] = np.fromiter(cur, dtype=np.int64, count=len(cur))
+                    parts.append(arr)
+                owner_row.append(j)
+        if not parts:
             return {}
-        qi = np.asarray(q_idx)
-        ci = np.asarray(cand)
+        sizes = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+        rows = np.repeat(np.asarray(owner_row, dtype=np.int64), sizes)
+        packed = (rows << 32) | np.concatenate(parts)
+        uniq, counts = np.unique(packed, return_counts=True)
+        uniq = uniq[counts >= need]
+        if uniq.size == 0:
+            return {}
+        qi = np.asarray(todo, dtype=np.int64)[uniq >> 32]
+        ci = uniq & 0xFFFFFFFF
         diff = self.c_tokens[ci] != seq.tokens[qi]
         dist = diff.sum(axis=1)
         ok = np.flatnonzero((dist > 0) & (dist <= radius))
