@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from kvforge.errors import InvalidInputError, KvforgeError, QuotaExceededError
 from kvforge.events.subscriber import EventSubscriber
@@ -193,6 +194,20 @@ class _SnapshotCollector(Collector):
         failed.add_metric([], float(self.snapshotter.failures))
         yield from (saves, failed)
 
+
+class _AgentIdConvertor(Convertor[str]):
+    """The rest of the path, any characters (Starlette's ``path`` stops at a newline)."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("agent_id", _AgentIdConvertor())
 
 _METRIC_PATHS = {
     "/healthz", "/metrics", "/v1/index", "/v1/match", "/v1/prefix-hash", "/v1/agents",
@@ -441,8 +456,9 @@ def create_app(
                 "first_block_hash_hex": p.first_block_hash_hex,
                 "prefix_event_hash": p.prefix_event_hash}  # fmt: skip
 
-    # ``:path``: an agent id may hold "/" (it can be indexed with one, so it must be deletable)
-    @app.delete("/v1/agents/{agent_id:path}", dependencies=deps, responses=writes)
+    # an agent id may hold "/" or a newline (it can be indexed with one, so it must be
+    # deletable): the ``agent_id`` convertor takes the rest of the path, whatever it holds
+    @app.delete("/v1/agents/{agent_id:agent_id}", dependencies=deps, responses=writes)
     def clear(agent_id: str, t: str | None = Depends(tenant)) -> dict[str, int]:
         return {"removed_blocks": m.clear_agent(agent_id, tenant=t)}
 
