@@ -85,18 +85,19 @@ def test_spans_equal_brute_force_when_owners_share_paths(data: st.DataObject) ->
         depth = rnd.randint(0, len(base))
         tail = rnd.choice([toks(rnd.randint(0, 60)), doc, toks(rnd.randint(0, 9)) + doc, []])
         owners[f"a{i}"] = base[:depth] + tail
+    salts = {name: rnd.choice([None, None, "s1", "s2"]) for name in owners}  # spans ignore salts
     for name, t in owners.items():
-        m.index_prompt(name, t)
+        m.index_prompt(name, t, cache_salt=salts[name])
     for name in list(owners):  # churn: the postings of freed blocks must go with them
         if rnd.random() < 0.3:
             m.clear_agent(name)
             del owners[name]
         elif rnd.random() < 0.3:
             owners[name] = owners[name][: rnd.randint(0, len(owners[name]))] + toks(20)
-            m.index_prompt(name, owners[name])
+            m.index_prompt(name, owners[name], cache_salt=salts[name])
     q = rnd.choice([[], toks(rnd.randint(1, 40))]) + base[rnd.randint(0, 20) :]
     q = q[: rnd.randint(0, len(q))] + rnd.choice([[], doc, toks(30)])
-    r = m.find_reusable_blocks(q)
+    r = m.find_reusable_blocks(q, cache_salt=rnd.choice([None, "s1"]))
     assert not r.truncated
     got = {(s.owner, s.query_start, s.owner_start, s.length) for s in r.moved_spans}
     assert got == brute_spans(q, owners, bs)
