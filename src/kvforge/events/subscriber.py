@@ -149,6 +149,7 @@ class EventSubscriber:
                             st.rejected, exc)  # fmt: skip
             batch = None
         last = st.last_seq
+        restarted = False
         if last is not None and seq == last + 1:
             self._dup_range = None  # in order again: a later step back is a restart
         elif last is not None and seq <= last:
@@ -160,13 +161,17 @@ class EventSubscriber:
                 return
             log.info("engine %s restarted (seq %d after %d): clearing", self.engine, seq, last)
             self.sink.clear_engine(self.engine)
-            st.restarts += 1  # after the clear: a reader that sees the count sees the clear
+            restarted = True
             self._dup_range = None
         elif (last is None and seq > 0) or (last is not None and seq > last + 1):
             start = 0 if last is None else last + 1
             st.gaps += last is not None
             self._recover(start, seq)
         self._apply(seq, batch)
+        if restarted:
+            # counted last: a reader that sees the count sees the clear and the first batch
+            # after the restart applied (no window where the engine looks empty)
+            st.restarts += 1
 
     def _apply(self, seq: int, batch: KVEventBatch | None) -> None:
         """Apply the batch (None: a rejected one, which only advances the sequence)."""
