@@ -309,8 +309,9 @@ class SpanSearch:
         (an extension reads what it compares, never a whole 8k-token prompt)."""
         t, bs = self.t, self.t.bs
         first = lo // bs
-        rows = t.c_tokens[t.b_content[t.owner_blocks[rep][first : (hi - 1) // bs + 1]]]
-        return rows.ravel()[lo - first * bs : hi - first * bs]
+        rows: np.ndarray = t.c_tokens[t.b_content[t.owner_blocks[rep][first : (hi - 1) // bs + 1]]]
+        out: np.ndarray = rows.ravel()[lo - first * bs : hi - first * bs]
+        return out
 
     def _spend(self, n: int) -> None:
         self._tokens_left -= n

@@ -44,7 +44,7 @@ class PieceEncoder:
         self._split = split
         self._added = added
         self._encode_piece = encode_piece
-        self._cache: OrderedDict[tuple[str, bytes], array] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, bytes], array[int]] = OrderedDict()
         self._cached = 0
         self.cache_tokens = cache_tokens
         self._lock = threading.Lock()
@@ -95,7 +95,7 @@ class PieceEncoder:
             out += self._piece(text[pos:], scope)
         return out
 
-    def _piece(self, piece: str, scope: str) -> list[int] | array:
+    def _piece(self, piece: str, scope: str) -> list[int] | array[int]:
         if len(piece) < MIN_CACHED_CHARS:
             return self._encode_piece(piece)
         key = (scope, hashlib.blake2b(piece.encode("utf-8"), digest_size=16).digest())
