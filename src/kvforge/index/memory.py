@@ -584,25 +584,32 @@ class _Tenant:
         # text: indentation, punctuation, stop words). Buckets are arrays, counted at once.
         need = NEAR_CHUNKS - radius
         parts: list[np.ndarray] = []
-        owner_row: list[int] = []
+        part_rows: list[int] = []
+        single_rows: list[int] = []
+        singles: list[int] = []
         for table, cache, col in zip(self.near, self.near_arrays, keys, strict=True):
-            for j, key in enumerate(col):
-                cur = table.get(key)
+            for j, cur in enumerate(map(table.get, col)):  # one C-level pass per table
                 if cur is None:
                     continue
                 if isinstance(cur, int):
-                    parts.append(np.array([cur], dtype=np.int64))
-                else:
-                    arr = cache.get(key)
-                    if arr is None:
-                        arr = cache[key] = np.fromiter(cur, dtype=np.int64, count=len(cur))
-                    parts.append(arr)
-                owner_row.append(j)
-        if not parts:
+                    single_rows.append(j)
+                    singles.append(cur)
+                    continue
+                key = col[j]
+                arr = cache.get(key)
+                if arr is None:
+                    arr = cache[key] = np.fromiter(cur, dtype=np.int64, count=len(cur))
+                parts.append(arr)
+                part_rows.append(j)
+        if not parts and not singles:
             return {}
         sizes = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
-        rows = np.repeat(np.asarray(owner_row, dtype=np.int64), sizes)
-        packed = (rows << 32) | np.concatenate(parts)
+        rows = np.concatenate(
+            [np.repeat(np.asarray(part_rows, dtype=np.int64), sizes),
+             np.asarray(single_rows, dtype=np.int64)]
+        )  # fmt: skip
+        cands = np.concatenate([*parts, np.asarray(singles, dtype=np.int64)])
+        packed = (rows << 32) | cands
         uniq, counts = np.unique(packed, return_counts=True)
         uniq = uniq[counts >= need]
         if uniq.size == 0:
@@ -682,17 +689,24 @@ class _Tenant:
     ) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]] | None:
         names = self.owner_name
         blocks = self.content_blocks.get(c) or (int(self.c_block[c]),)
-        owners: set[str] = set()
+        # owner ids by set union (C-level), names once per distinct owner; the first
+        # MAX_SOURCES (owner, position) pairs in block order, as before
+        ids: set[int] = set()
         sources: list[tuple[str, int]] = []
         for b in blocks:
-            d = int(self.b_depth[b])
-            for o in self.owners_of(b):
-                name = names[o]
-                if is_excluded(name, exclude):
-                    continue
-                owners.add(name)
-                if len(sources) < MAX_SOURCES:
-                    sources.append((name, d))
+            got = self.owners_of(b)
+            ids.update(got)
+            if len(sources) < MAX_SOURCES:
+                d = int(self.b_depth[b])
+                for o in got:
+                    name = names[o]
+                    if not is_excluded(name, exclude):
+                        sources.append((name, d))
+                        if len(sources) == MAX_SOURCES:
+                            break
+        owners = [names[o] for o in ids]
+        if exclude is not None:
+            owners = [n for n in owners if not is_excluded(n, exclude)]
         return (tuple(sorted(owners)), tuple(sorted(sources))) if owners else None
 
     def nbytes(self) -> tuple[int, int, int]:
