@@ -15,7 +15,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,7 +223,7 @@ class ResidencyIndex:
             del self._tree[key]
 
     def tree_keys(
-        self, group: Any, block_size: int, root_extra: Any, content_keys: Sequence[int]
+        self, group: Any, block_size: int, root_extra: Any, content_keys: Iterable[int]
     ) -> list[int]:
         """Hashes of the leading blocks some engine of ``group`` stored, found by walking the
         tree with the prompt's (keyed) content keys: no sha256. ``root_extra`` is block 0's

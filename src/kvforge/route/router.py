@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,15 +89,35 @@ class _LazyKeys:
         bs = memo.hasher.block_size
         self.memo, self.toks, self.salt, self.lora = memo, toks, salt, lora
         self.num_blocks = len(toks) // bs
-        # the residency's keyed block keys: the same for its block tree and this memo
-        self._ck = block_keys(array("I", toks[: self.num_blocks * bs]), bs, memo.secret)
+        # the residency's keyed block keys (the same for its block tree and this memo),
+        # computed as far as someone reads them: a tree walk stops at the first block no
+        # engine stored, so a prompt with a short cached prefix keys only that far
+        self._ck: list[int] = []
         self._digests: list[bytes] = []
         self.keys: list[int] = []
         self.tree_keys: list[int] = []  # hashes found in the residency's block tree
 
+    def _ck_upto(self, k: int) -> list[int]:
+        k = min(k, self.num_blocks)
+        have = len(self._ck)
+        if have < k:
+            bs = self.memo.hasher.block_size
+            chunk = array("I", self.toks[have * bs : k * bs])
+            self._ck += block_keys(chunk, bs, self.memo.secret)
+        return self._ck
+
     @property
     def content_keys(self) -> list[int]:
-        return self._ck
+        return self._ck_upto(self.num_blocks)
+
+    def iter_content_keys(self) -> Iterator[int]:
+        """The block keys in order, computed in doubling chunks as they are consumed."""
+        i, step = 0, 32
+        while i < self.num_blocks:
+            cks = self._ck_upto(i + step)
+            yield from cks[i : i + step]
+            i += step
+            step *= 2
 
     def upto(self, k: int) -> list[int]:
         """Keys of blocks ``[0, k)`` (the returned list may be longer; slice it)."""
@@ -108,7 +128,7 @@ class _LazyKeys:
         memo, hasher = self.memo, self.memo.hasher
         bs = hasher.block_size
         young, old = memo._young, memo._old
-        digests, keys, cks, toks = self._digests, self.keys, self._ck, self.toks
+        digests, keys, cks, toks = self._digests, self.keys, self._ck_upto(k), self.toks
         later_extra = block_extra_keys(bs, 2 * bs, lora=self.lora)  # every block after 0
         fresh: list[tuple[tuple[Any, ...], tuple[bytes, int]]] = []
         prev = digests[-1] if i else hasher.root
@@ -324,7 +344,7 @@ class Router:
             by_group.setdefault(self._group(m), []).append(m)
         for group, ms in by_group.items():
             walk = self.residency.walk(ms, now=now)
-            known = self.residency.tree_keys(group, bs, root_extra, seq.content_keys)
+            known = self.residency.tree_keys(group, bs, root_extra, seq.iter_content_keys())
             if known:
                 walk.extend(known)
                 seq.tree_keys = known

@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,7 +352,7 @@ class SharedResidency(ResidencyIndex):
         return super().walk(engines, now=now)
 
     def tree_keys(
-        self, group: Any, block_size: int, root_extra: Any, content_keys: Sequence[int]
+        self, group: Any, block_size: int, root_extra: Any, content_keys: Iterable[int]
     ) -> list[int]:
         if self._degraded:
             return []
