@@ -524,19 +524,41 @@ class _Tenant:
             names = self.owner_name
             order: list[str] = []
             neg_depths: list[int] = []  # ascending, for bisect
+            children, ends_at, block_owners = self.children, self.ends, self.block_owners
+            b_owner, b_nown = self.b_owner, self.b_nown
+            chain_l = chain_b.tolist()
             for i in reversed(cps):
                 if i == deep - 1:
-                    fresh = [n for n, _ in self._sorted_owners(int(chain_b[i]))[1]]
+                    fresh = [n for n, _ in self._sorted_owners(chain_l[i])[1]]
+                    if exclude is not None:
+                        fresh = [n for n in fresh if not is_excluded(n, exclude)]
+                    if fresh:
+                        depth.update(dict.fromkeys(fresh, i + 1))
+                        order += fresh
+                        neg_depths += [-(i + 1)] * len(fresh)
+                    continue
+                # leaving at block i: owners ending there, and those of its other children
+                node, stay = chain_l[i], chain_l[i + 1]
+                got = ends_at.get(node)
+                ids = [] if got is None else [got] if isinstance(got, int) else list(got)
+                kids = children.get(node)
+                if isinstance(kids, set) and len(kids) > 8:
+                    # a branch point (where many prompts leave a shared one): vectorized
+                    k_arr = np.fromiter(kids, dtype=np.int64, count=len(kids))
+                    k_arr = k_arr[k_arr != stay]
+                    one = b_nown[k_arr] == 1
+                    ids += b_owner[k_arr[one]].tolist()
+                    for c in k_arr[~one].tolist():
+                        ids += block_owners[c]
                 else:
-                    ends, kids = self.leaving(int(chain_b[i]), int(chain_b[i + 1]))
-                    if len(kids) > 8:  # a branch point (a shared prompt's end): vectorized
-                        k_arr = np.asarray(kids, dtype=np.int64)
-                        one = self.b_nown[k_arr] == 1
-                        ends += self.b_owner[k_arr[one]].tolist()
-                        kids = k_arr[~one].tolist()
-                    for c in kids:
-                        ends += self.owners_of(c)
-                    fresh = sorted(map(names.__getitem__, ends))
+                    for c in (kids,) if isinstance(kids, int) else kids or ():
+                        if c != stay:
+                            s = block_owners.get(c)
+                            if s is None:
+                                ids.append(int(b_owner[c]))
+                            else:
+                                ids += s
+                fresh = sorted(map(names.__getitem__, ids))
                 if exclude is not None:
                     fresh = [n for n in fresh if not is_excluded(n, exclude)]
                 if fresh:
@@ -546,15 +568,19 @@ class _Tenant:
             # Runs of identical owner sets: the owners of blocks [.., end) are those whose depth
             # is >= end, i.e. a prefix of ``order``.
             start = 0
+            last_m = -1
             for i in cps:
                 end = i + 1
                 m = bisect_right(neg_depths, -end)
                 if m:
-                    owners = tuple(order[:m])
-                    if runs and runs[-1][2] == owners and runs[-1][1] == start:
-                        runs[-1] = (runs[-1][0], end, owners)
+                    # the same prefix of ``order`` as the run before (and adjacent): extend it
+                    if m == last_m and runs and runs[-1][1] == start:
+                        runs[-1] = (runs[-1][0], end, runs[-1][2])
                     else:
-                        runs.append((start, end, owners))
+                        runs.append((start, end, tuple(order[:m])))
+                    last_m = m
+                else:
+                    last_m = -1
                 start = end
         exact = max(depth.values(), default=0)
         moved = self._moved(cids, exact, exclude)
