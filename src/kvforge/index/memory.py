@@ -22,7 +22,6 @@ import threading
 from bisect import bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -44,9 +43,9 @@ from kvforge.index.base import (
     is_excluded,
 )
 from kvforge.index.spans import (
-    WINDOW_CONTEXT,
     AnchorPostings,
     SpanBudget,
+    context_base,
     node_anchors,
 )
 from kvforge.index.spans import (
@@ -142,9 +141,13 @@ class _Tenant:
         # moved spans: anchor hash -> packed (chain block << 32 | token position)
         self.postings = AnchorPostings(budget.max_postings)
         self.budget = budget
-        # the block tree downwards: children per block (roots under their negative marker)
-        # and the owners whose prompt ends at a block ("one int, or a set when shared")
-        self.children: dict[int, int | set[int]] = {}
+        # The block tree downwards: ``b_child`` holds each block's first child (-1: none; 4 B
+        # a block), ``more_children`` the others of the few blocks where prompts branch, and
+        # ``root_children`` the block-0s under each namespace's negative marker; ``ends`` the
+        # owners whose prompt ends at a block ("one int, or a set when shared").
+        self.b_child = np.zeros(0, dtype=np.int32)
+        self.more_children: dict[int, int | set[int]] = {}
+        self.root_children: dict[int, int | set[int]] = {}
         self.ends: dict[int, int | set[int]] = {}
         # owners
         self.owner_id: dict[str, int] = {}
@@ -327,6 +330,7 @@ class _Tenant:
             self.b_depth = _grow(self.b_depth, hi)
             self.b_owner = _grow(self.b_owner, hi, -1)
             self.b_nown = _grow(self.b_nown, hi)
+            self.b_child = _grow(self.b_child, hi, -1)
             self.b_key[new] = seq.chain_keys[k:]
             parents = np.empty(n - k, dtype=np.int32)
             parents[0] = bids[k - 1] if k else root
@@ -339,9 +343,9 @@ class _Tenant:
             self.chain.insert(seq.chain_keys[k:], new)
             for c, b in zip(cids[k:].tolist(), new.tolist(), strict=True):
                 self._link_content(c, b)
-            new_l = new.tolist()
-            _mm_add(self.children, int(parents[0]), new_l[0])
-            self.children.update(pairwise(new_l))
+            self.b_child[new] = -1
+            self.b_child[new[:-1]] = new[1:]  # a new suffix is a chain: each its next's parent
+            self._add_child(int(parents[0]), int(new[0]))
             bids = np.concatenate([shared, new]).astype(np.int32)
             base = self._post_base(k)
             self._post(bids, k, seq.tokens[base:], base, add=True)
@@ -351,8 +355,8 @@ class _Tenant:
         return n - k, k
 
     def _post_base(self, first: int) -> int:
-        """First block whose tokens the windows ending in block ``first`` cover."""
-        return max(0, first - -(-WINDOW_CONTEXT // self.bs))
+        """First block whose tokens the anchors of blocks ``>= first`` depend on."""
+        return context_base(first, self.bs)
 
     def _post(
         self, bids: np.ndarray, first: int, tokens: np.ndarray, base: int, *, add: bool
@@ -368,11 +372,47 @@ class _Tenant:
         else:
             self.postings.remove(hashes.tolist(), packed.tolist())
 
+    def _add_child(self, parent: int, c: int) -> None:
+        if parent < 0:
+            _mm_add(self.root_children, parent, c)
+        elif self.b_child[parent] < 0:
+            self.b_child[parent] = c
+        else:
+            _mm_add(self.more_children, parent, c)
+
+    def _drop_child(self, parent: int, c: int) -> None:
+        if parent < 0:
+            _mm_discard(self.root_children, parent, c)
+        elif self.b_child[parent] == c:  # promote another child, if any
+            more = self.more_children.get(parent)
+            if more is None:
+                self.b_child[parent] = -1
+            elif isinstance(more, int):
+                self.b_child[parent] = more
+                del self.more_children[parent]
+            else:
+                nxt = more.pop()
+                self.b_child[parent] = nxt
+                if len(more) == 1:
+                    self.more_children[parent] = more.pop()
+        else:
+            _mm_discard(self.more_children, parent, c)
+
+    def children_of(self, b: int) -> list[int]:
+        """The chain blocks whose parent is ``b`` (a block id, or a root marker < 0)."""
+        if b < 0:
+            return list(_mm_values(self.root_children.get(b)))
+        first = int(self.b_child[b])
+        if first < 0:
+            return []
+        more = self.more_children.get(b)
+        return [first] if more is None else [first, *_mm_values(more)]
+
     def leaving(self, b: int, stay: int) -> tuple[list[int], list[int]]:
         """Owners through block ``b`` that do not continue into its child ``stay``: those whose
         prompt ends at ``b``, and the other children that the rest continue into."""
         ends = list(_mm_values(self.ends.get(b)))
-        kids = [c for c in _mm_values(self.children.get(b)) if c != stay]
+        kids = [c for c in self.children_of(b) if c != stay]
         return ends, kids
 
     def _link_content(self, c: int, b: int) -> None:
@@ -423,9 +463,10 @@ class _Tenant:
             first = bids.size - freed.size
             base = self._post_base(first)
             self._post(bids, first, self.c_tokens[self.b_content[bids[base:]]], base, add=False)
-            _mm_discard(self.children, int(self.b_parent[freed[0]]), int(freed[0]))
+            self._drop_child(int(self.b_parent[freed[0]]), int(freed[0]))
+            self.b_child[freed] = -1  # the rest of the suffix goes with it
             for b in freed.tolist():
-                self.children.pop(b, None)
+                self.more_children.pop(b, None)
             self.chain.delete(self.b_key[freed])
             dead = [
                 c
@@ -475,7 +516,7 @@ class _Tenant:
         not every owner."""
         heads: list[int] = []
         for ns in self.namespaces.values():
-            heads += _mm_values(self.children.get(-1 - ns))
+            heads += _mm_values(self.root_children.get(-1 - ns))
         if not heads:
             return None
         h = np.asarray(heads, dtype=np.int64)
@@ -524,7 +565,7 @@ class _Tenant:
             names = self.owner_name
             order: list[str] = []
             neg_depths: list[int] = []  # ascending, for bisect
-            children, ends_at, block_owners = self.children, self.ends, self.block_owners
+            ends_at, block_owners = self.ends, self.block_owners
             b_owner, b_nown = self.b_owner, self.b_nown
             chain_l = chain_b.tolist()
             for i in reversed(cps):
@@ -541,17 +582,17 @@ class _Tenant:
                 node, stay = chain_l[i], chain_l[i + 1]
                 got = ends_at.get(node)
                 ids = [] if got is None else [got] if isinstance(got, int) else list(got)
-                kids = children.get(node)
-                if isinstance(kids, set) and len(kids) > 8:
+                kids = self.children_of(node)
+                if len(kids) > 8:
                     # a branch point (where many prompts leave a shared one): vectorized
-                    k_arr = np.fromiter(kids, dtype=np.int64, count=len(kids))
+                    k_arr = np.asarray(kids, dtype=np.int64)
                     k_arr = k_arr[k_arr != stay]
                     one = b_nown[k_arr] == 1
                     ids += b_owner[k_arr[one]].tolist()
                     for c in k_arr[~one].tolist():
                         ids += block_owners[c]
                 else:
-                    for c in (kids,) if isinstance(kids, int) else kids or ():
+                    for c in kids:
                         if c != stay:
                             s = block_owners.get(c)
                             if s is None:
@@ -739,8 +780,12 @@ class _Tenant:
         """Approximate bytes held: (exact index, content store, similarity tables)."""
         exact_arrays = (
             self.b_key, self.b_parent, self.b_content, self.b_depth, self.b_owner, self.b_nown,
+            self.b_child,
         )  # fmt: skip
         exact = sum(a.nbytes for a in exact_arrays) + self.chain.nbytes
+        for tree in (self.more_children, self.root_children, self.ends):
+            exact += sys.getsizeof(tree) + 64 * len(tree)
+            exact += sum(sys.getsizeof(v) for v in tree.values() if not isinstance(v, int))
         exact += sum(a.nbytes + 112 for a in self.owner_blocks.values())
         exact += sys.getsizeof(self.block_owners)
         exact += sum(sys.getsizeof(s) for s in self.block_owners.values())

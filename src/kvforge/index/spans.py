@@ -70,10 +70,15 @@ def node_anchors(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Anchors posted by blocks ``>= first_block`` of a prompt.
 
-    ``tokens`` are the prompt's flat tokens from block ``base_block`` on (it must start at least
-    ``WINDOW_CONTEXT`` tokens before ``first_block``, or at token 0). Returns (hashes, absolute
-    token positions, block index of the window's last token), one row per distinct
-    (block, position)."""
+    A selected position is posted once, by the block holding the last token of the *first*
+    window that selects it (selected positions never move left as the window slides, so that
+    is its first occurrence): every owner through that block selects it too, so one posting
+    serves them all, and a position a shallower block already posts is not posted again.
+
+    ``tokens`` are the prompt's flat tokens from block ``base_block`` on; ``base_block`` must be
+    ``context_base(first_block, bs)`` (or 0), so that every window that could be the first to
+    select such a position is complete. Returns (hashes, absolute token positions, block index
+    of that window's last token)."""
     empty = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0, np.int64)
     h = kgram_hashes(tokens)
     nwin = h.size - ANCHOR_W + 1
@@ -82,15 +87,20 @@ def node_anchors(
     start = base_block * bs
     rel = window_argmins(h, ANCHOR_W)
     end_block = (np.arange(nwin) + start + WINDOW_CONTEXT) // bs
+    first = np.ones(rel.size, dtype=bool)
+    first[1:] = rel[1:] != rel[:-1]  # the first window selecting each position
+    rel, end_block = rel[first], end_block[first]
     keep = end_block >= first_block
     rel, end_block = rel[keep], end_block[keep]
     if rel.size == 0:
         return empty
-    # windows come in order: (block, position) pairs repeat only consecutively
-    fresh = np.ones(rel.size, dtype=bool)
-    fresh[1:] = (rel[1:] != rel[:-1]) | (end_block[1:] != end_block[:-1])
-    rel, end_block = rel[fresh], end_block[fresh]
     return h[rel], rel + start, end_block
+
+
+def context_base(first_block: int, bs: int) -> int:
+    """The first block whose tokens ``node_anchors`` needs for blocks ``>= first_block``: the
+    windows ending up to ``WINDOW_CONTEXT`` tokens before, complete themselves."""
+    return max(0, first_block - 2 * -(-WINDOW_CONTEXT // bs))
 
 
 class AnchorPostings:
