@@ -408,6 +408,29 @@ class _Tenant:
         more = self.more_children.get(b)
         return [first] if more is None else [first, *_mm_values(more)]
 
+    def _leaving_owners(self, b: int, stay: int) -> list[int]:
+        """Ids of the owners through block ``b`` that do not continue into ``stay``: O(those
+        owners), vectorized where many prompts branch off at ``b``."""
+        got = self.ends.get(b)
+        ids = [] if got is None else [got] if isinstance(got, int) else list(got)
+        kids = self.children_of(b)
+        if len(kids) > 8:
+            k_arr = np.asarray(kids, dtype=np.int64)
+            k_arr = k_arr[k_arr != stay]
+            one = self.b_nown[k_arr] == 1
+            ids += self.b_owner[k_arr[one]].tolist()
+            for c in k_arr[~one].tolist():
+                ids += self.block_owners[c]
+            return ids
+        for c in kids:
+            if c != stay:
+                s = self.block_owners.get(c)
+                if s is None:
+                    ids.append(int(self.b_owner[c]))
+                else:
+                    ids += s
+        return ids
+
     def leaving(self, b: int, stay: int) -> tuple[list[int], list[int]]:
         """Owners through block ``b`` that do not continue into its child ``stay``: those whose
         prompt ends at ``b``, and the other children that the rest continue into."""
@@ -565,41 +588,13 @@ class _Tenant:
             names = self.owner_name
             order: list[str] = []
             neg_depths: list[int] = []  # ascending, for bisect
-            ends_at, block_owners = self.ends, self.block_owners
-            b_owner, b_nown = self.b_owner, self.b_nown
             chain_l = chain_b.tolist()
             for i in reversed(cps):
                 if i == deep - 1:
                     fresh = [n for n, _ in self._sorted_owners(chain_l[i])[1]]
-                    if exclude is not None:
-                        fresh = [n for n in fresh if not is_excluded(n, exclude)]
-                    if fresh:
-                        depth.update(dict.fromkeys(fresh, i + 1))
-                        order += fresh
-                        neg_depths += [-(i + 1)] * len(fresh)
-                    continue
-                # leaving at block i: owners ending there, and those of its other children
-                node, stay = chain_l[i], chain_l[i + 1]
-                got = ends_at.get(node)
-                ids = [] if got is None else [got] if isinstance(got, int) else list(got)
-                kids = self.children_of(node)
-                if len(kids) > 8:
-                    # a branch point (where many prompts leave a shared one): vectorized
-                    k_arr = np.asarray(kids, dtype=np.int64)
-                    k_arr = k_arr[k_arr != stay]
-                    one = b_nown[k_arr] == 1
-                    ids += b_owner[k_arr[one]].tolist()
-                    for c in k_arr[~one].tolist():
-                        ids += block_owners[c]
                 else:
-                    for c in kids:
-                        if c != stay:
-                            s = block_owners.get(c)
-                            if s is None:
-                                ids.append(int(b_owner[c]))
-                            else:
-                                ids += s
-                fresh = sorted(map(names.__getitem__, ids))
+                    left = self._leaving_owners(chain_l[i], chain_l[i + 1])
+                    fresh = sorted(map(names.__getitem__, left))
                 if exclude is not None:
                     fresh = [n for n in fresh if not is_excluded(n, exclude)]
                 if fresh:

@@ -30,7 +30,7 @@ maximal run of >= ``GUARANTEED_SPAN`` equal tokens on a diagonal, but the prefix
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -526,11 +526,8 @@ def search(
     root: int | None,
     exclude: str | None,
     budget: SpanBudget,
-    _hook: Callable[[SpanSearch], None] | None = None,
 ) -> tuple[list[SharedSpan], bool]:
     """Moved spans of query tokens ``q`` (see the module docstring); returns (spans,
     truncated)."""
     s = SpanSearch(tree, q, chain, root, exclude, budget)
-    if _hook is not None:
-        _hook(s)
     return s.run(), s.truncated
