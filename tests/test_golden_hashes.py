@@ -165,3 +165,35 @@ def test_chain_continued_block_by_block(case: dict) -> None:
             assert [h.hex() for h in seq.chain_prefix(k)] == [
                 b["hash_hex"] for b in case["blocks"][:k]
             ]
+
+
+def _cli_case(case: dict) -> bool:
+    """Golden cases the ``kvforge hash`` CLI can express (token ids, salt, LoRA)."""
+    return not (case["mm_features"] or case["prompt_embeds"] or case["num_hash_lookahead_tokens"])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _cli_case(c)], ids=_id)
+def test_cli_hash_of_token_ids_matches_vllm(case: dict) -> None:
+    """``kvforge hash --token-ids`` hashes what vLLM's hasher hashes, ids beyond the
+    tokenizer's vocabulary included (they are warned about, not refused)."""
+    from typer.testing import CliRunner
+
+    from kvforge.cli.main import app
+
+    if case["PYTHONHASHSEED"] is None and case["algo"].startswith("xxhash"):
+        pytest.skip("random root by design (xxhash with PYTHONHASHSEED unset)")
+    args = ["hash", "--token-ids", json.dumps(case["all_token_ids"]), "--algo", case["algo"],
+            "--block-size", str(case["block_size"]), "--json"]  # fmt: skip
+    if case["PYTHONHASHSEED"] is not None:
+        args += ["--hash-seed", case["PYTHONHASHSEED"]]
+    if case["cache_salt"]:
+        args += ["--cache-salt", case["cache_salt"]]
+    if case["lora"]:
+        args += ["--lora-name", case["lora"]["lora_name"], "--lora-path", case["lora"]["lora_path"]]
+    out = CliRunner().invoke(app, args)  # the real command, in process (one tokenizer load)
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.stdout)["blocks"]
+    assert [b["hash_hex"] for b in got] == [b["hash_hex"] for b in case["blocks"]]
+    assert [b["event_hash"] for b in got] == [b["event_int"] for b in case["blocks"]]
+    if max(case["all_token_ids"], default=0) >= 151_669:
+        assert "outside" in out.stderr

@@ -115,9 +115,19 @@ def hash_cmd(
             tp = tk.encode_text(text)
         elif token_ids is not None:
             ids = _read_json_arg(token_ids, "--token-ids")
-            if not isinstance(ids, list):
-                _fail("--token-ids must be a JSON list of integers")
-            tp = tk.encode_ids(ids)
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
+                _fail("--token-ids must be a JSON list of non-negative integers")
+            # A debugging tool hashes what vLLM's hasher hashes: any non-negative id (the hash
+            # takes the ids as they are; vLLM's request path is where the vocabulary is checked)
+            over = [i for i in ids if i >= tk.vocab_size]
+            if over:
+                Console(stderr=True).print(
+                    f"warning: {len(over)} token id(s) outside {tk.name}'s vocabulary "
+                    f"[0, {tk.vocab_size}), e.g. {over[0]}: hashed as given"
+                )
+            tp = TokenizedPrompt(tuple(ids), "tokens")
         else:
             assert messages is not None
             body = _read_json_arg(messages, "--messages")
