@@ -313,14 +313,11 @@ def bench_spans_varying_depth(agent_counts: list[int], reps: int) -> list[str]:
         "| agents | indexed blocks | case | spans found | span search p50 (ms) | truncated |",
         "|---:|---:|---|---:|---:|---|",
     ]
+    from bench_core import varying_depth_index  # the same workload as the core benchmark
+
     for n in agent_counts:
         rnd = np.random.default_rng(n)
-        m = SyncMatcher()
-        system = rnd.integers(0, VOCAB, 2048).tolist()
-        for a in range(n):
-            depth = int(rnd.integers(0, 2049))
-            own = np.random.default_rng([2, a]).integers(0, VOCAB, 6144).tolist()
-            m.index_prompt(f"agent{a}", system[:depth] + own)
+        m, system = varying_depth_index(n, rnd)
         cases = {
             "shared prefix (nothing moved)": system + rnd.integers(0, VOCAB, 6144).tolist(),
             "prompt moved behind a preamble": rnd.integers(0, VOCAB, 40).tolist() + system,

@@ -300,6 +300,8 @@ def test_the_proxy_enforces_the_prompt_limits() -> None:
     assert c.post("/v1/completions", json=ids).status_code == 413
     ok = {"model": "m", "prompt": "hello"}
     assert c.post("/v1/completions", json=ok).status_code == 502  # within limits: forwarded
+    two = [("X-Tenant", "a"), ("X-Tenant", "b")]  # the proxy shares the service's tenant rule
+    assert c.post("/v1/completions", json=ok, headers=two).status_code == 400
 
 
 # ---- Redis refusing writes ---------------------------------------------------------------

@@ -203,8 +203,8 @@ class _Tenant:
         "block i's child with content c" is the same question, answered without sha256.
 
         Vectorized for contents that sit in a single chain block (the common case); a content
-        held by several chains is resolved by scanning them, or by hashing that one block when
-        there are many."""
+        held by several chains is resolved by scanning them, or, when more than 32 hold it
+        (repeated content), by hashing the rest of the query once and verifying it by key."""
         n = seq.num_blocks
         bids = np.full(n, -1, dtype=np.int32)
         root = self._root(seq)
@@ -231,7 +231,7 @@ class _Tenant:
                 # repeated content (held by many chains): hash the rest of the query once and
                 # verify it in one vectorized pass, rather than one probe per block
                 return bids, self._hashed_rest(seq, cids, bids, i, prev)
-            b = self._child(prev, c, i, seq)
+            b = self._child(prev, c)
             if b < 0:
                 break
             bids[i] = b
@@ -255,21 +255,17 @@ class _Tenant:
         bids[i : i + run] = got[:run]
         return i + run
 
-    def _child(self, parent: int, c: int, depth: int, seq: BlockSequence) -> int:
-        """The chain block under ``parent`` whose content is ``c``, or -1."""
+    def _child(self, parent: int, c: int) -> int:
+        """The chain block under ``parent`` whose content is ``c``, or -1 (``c`` is held by at
+        most 32 chain blocks: ``_walk`` hashes the rest of the query past that)."""
         if c < 0:
             return -1
         blocks = self.content_blocks.get(c)
         if blocks is None:  # one chain block holds it; the vectorized pass already refused it
             return -1
-        if len(blocks) <= 32:
-            for b in blocks:
-                if self.b_parent[b] == parent:
-                    return b
-            return -1
-        got = int(self.chain.get(seq.chain_keys_prefix(depth + 1)[depth : depth + 1])[0])
-        if got >= 0 and self.b_parent[got] == parent and self.b_content[got] == c:
-            return got
+        for b in blocks:
+            if self.b_parent[b] == parent:
+                return b
         return -1
 
     # ---- mutation -----------------------------------------------------------------------

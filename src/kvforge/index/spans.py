@@ -30,6 +30,7 @@ maximal run of >= ``GUARANTEED_SPAN`` equal tokens on a diagonal, but the prefix
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -170,8 +171,6 @@ class AnchorPostings:
                     omitted.pop(h, None)
 
     def nbytes(self) -> int:
-        import sys
-
         size = sys.getsizeof(self.post) + 64 * len(self.post) + sys.getsizeof(self.omitted)
         size += sum(sys.getsizeof(v) for v in self.post.values() if not isinstance(v, int))
         return size
@@ -194,8 +193,6 @@ class BlockTree(Protocol):
     def owners_of(self, b: int) -> Any: ...
 
     def leaving(self, b: int, stay: int) -> tuple[list[int], list[int]]: ...
-
-    def owner_tokens(self, oid: int) -> np.ndarray: ...
 
 
 class _Stop(Exception):

@@ -499,7 +499,7 @@ def create_app(
         return Response(_json.encode(out), media_type="application/json")
 
     if router is not None and any(e.url for e in router.engines.values()):
-        resources["client"] = add_proxy(app, m, router, deps)
+        resources["client"] = add_proxy(app, m, router, deps, tenant)
 
     @app.get("/metrics", dependencies=deps, responses=errors, response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -40,9 +40,10 @@ class _InFlight:
 
 
 def add_proxy(
-    app: FastAPI, matcher: SyncMatcher, router: Router, deps: list[Any]
+    app: FastAPI, matcher: SyncMatcher, router: Router, deps: list[Any], tenant: Any
 ) -> httpx.AsyncClient:
-    """Add the two endpoints; returns the upstream client (the app closes it on shutdown)."""
+    """Add the two endpoints; returns the upstream client (the app closes it on shutdown).
+    ``tenant`` is the service's ``X-Tenant`` dependency (it scopes the tokenizer's cache)."""
     engines = {n: e for n, e in router.engines.items() if e.url}
     inflight = _InFlight()
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
@@ -99,42 +100,30 @@ def add_proxy(
         return body
 
     @app.post("/v1/chat/completions", dependencies=deps)
-    async def chat(request: Request) -> Response:
+    async def chat(request: Request, t: str | None = Depends(tenant)) -> Response:
         body = await read_json(request)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return JSONResponse({"detail": "'messages' must be a non-empty list"}, 422)
         # tokenizing and hashing are CPU work: keep them off the event loop; the matcher's
         # prompt limits apply here as on /v1/* (413)
-        tp = await run_in_threadpool(
-            matcher.tokenize, messages, tools=body.get("tools"), tenant=_tenant(request)
-        )
+        tp = await run_in_threadpool(matcher.tokenize, messages, tools=body.get("tools"), tenant=t)
         d = await run_in_threadpool(decide, tp, body)
         return await forward("/v1/chat/completions", body, d)
 
     @app.post("/v1/completions", dependencies=deps)
-    async def completions(request: Request) -> Response:
+    async def completions(request: Request, t: str | None = Depends(tenant)) -> Response:
         body = await read_json(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0]  # a batch: route by its first prompt
         if not isinstance(prompt, str | list) or not prompt:
             return JSONResponse({"detail": "'prompt' must be text or token ids"}, 422)
-        tp = await run_in_threadpool(matcher.tokenize, prompt, tenant=_tenant(request))
+        tp = await run_in_threadpool(matcher.tokenize, prompt, tenant=t)
         d = await run_in_threadpool(decide, tp, body)
         return await forward("/v1/completions", body, d)
 
     return client
-
-
-def _tenant(request: Request) -> str | None:
-    """The caller's tenant (``X-Tenant``), which scopes the tokenizer's piece cache."""
-    values = request.headers.getlist("x-tenant")
-    if len(values) > 1:
-        raise HTTPException(400, "more than one X-Tenant header")
-    if values and not 0 < len(values[0]) <= 256:
-        raise HTTPException(422, "X-Tenant must hold 1 to 256 characters")
-    return values[0] if values else None
 
 
 def _loras(router: Router) -> set[str]:

@@ -120,8 +120,3 @@ class PieceEncoder:
         with self._lock:
             self._cache.clear()
             self._cached = 0
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"pieces": len(self._cache), "tokens": self._cached, "hits": self.hits,
-                    "misses": self.misses}  # fmt: skip
