@@ -45,11 +45,9 @@ from kvforge.index.base import (
 from kvforge.index.spans import (
     AnchorPostings,
     SpanBudget,
+    SpanSearch,
     context_base,
     node_anchors,
-)
-from kvforge.index.spans import (
-    search as span_search,
 )
 from kvforge.index.table import U64Table
 
@@ -705,7 +703,8 @@ class _Tenant:
         """Maximal shared token runs of at least ``GUARANTEED_SPAN`` tokens with every
         owner, at any alignment, within the span budget: (spans, truncated). See ``spans``."""
         chain = np.zeros(0, dtype=np.int32) if chain is None else chain
-        return span_search(self, seq.all_tokens, chain, self._root(seq), exclude, self.budget)
+        search = SpanSearch(self, seq.all_tokens, chain, self._root(seq), exclude, self.budget)
+        return search.run(), search.truncated
 
     def _moved(
         self, cids: np.ndarray, exact: int, exclude: str | None

@@ -514,17 +514,3 @@ class SpanSearch:
             self.truncated = True
         self.out.sort(key=lambda sp: (-sp.length, sp.owner, sp.query_start, sp.owner_start))
         return self.out
-
-
-def search(
-    tree: BlockTree,
-    q: np.ndarray,
-    chain: np.ndarray,
-    root: int | None,
-    exclude: str | None,
-    budget: SpanBudget,
-) -> tuple[list[SharedSpan], bool]:
-    """Moved spans of query tokens ``q`` (see the module docstring); returns (spans,
-    truncated)."""
-    s = SpanSearch(tree, q, chain, root, exclude, budget)
-    return s.run(), s.truncated
