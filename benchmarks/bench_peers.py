@@ -117,6 +117,10 @@ def main() -> None:
 
     # ---- ingest ----------------------------------------------------------------------------
     res = ResidencyIndex()
+    # as in the service: the router exists (and has told the residency each engine's hash
+    # group) before the first event arrives
+    router = Router([EngineConfig(f"e{e}") for e in range(engines)], residency=res,
+                    speculative_ttl=0)  # fmt: skip
     subs = {e: EventSubscriber(f"e{e}", "tcp://127.0.0.1:1", res, topic="kv")
             for e in range(engines)}  # fmt: skip
     t0 = time.perf_counter()
@@ -147,8 +151,6 @@ def main() -> None:
     print("\n(ratio: the other's time over kvforge's; > 1 means kvforge is faster)\n")
 
     # ---- route -------------------------------------------------------------------------------
-    router = Router([EngineConfig(f"e{e}") for e in range(engines)], residency=res,
-                    speculative_ttl=0)  # fmt: skip
     queries = [p["tokens"] + rng.integers(0, VOCAB, 8192 - len(p["tokens"])).tolist()
                for p in prompts[-20:]]  # fmt: skip
     ours, theirs = [], []

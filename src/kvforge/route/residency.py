@@ -17,6 +17,8 @@ from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import xor
 from typing import Any
 
 import xxhash
@@ -86,11 +88,11 @@ class ResidencyIndex:
         self._spec_queue: deque[tuple[float, str, tuple[int, ...]]] = deque()
         self._lock = threading.Lock()
         self.blocks_applied = 0
-        # Block tree from the events' token ids: (parent, content key) -> hash. It lets a router
+        # Block tree from the events' token ids: (parent hash ^ content key) -> hash. It lets a router
         # find the hashes of a prompt's held prefix without sha256 (see ``tree_keys``).
         self.secret = int.from_bytes(os.urandom(8), "little")  # keys the content hashes
-        self._tree: dict[tuple[Any, int], int] = {}
-        self._tree_key: dict[int, tuple[Any, int]] = {}
+        self._tree: dict[int, int] = {}  # node key (see ``_grow_tree``) -> hash
+        self._tree_key: dict[int, int] = {}  # hash -> its node key (for pruning)
         self._groups: dict[str, Any] = {}  # engine -> hash-configuration group
 
     # ---- engines ---------------------------------------------------------------------------
@@ -128,8 +130,7 @@ class ResidencyIndex:
                     if medium not in self._masks and len(self._masks) >= self.max_media:
                         self.ignored_media_events += 1
                         continue
-                    self._store(e, medium, ev.block_hashes)
-                    self._grow_tree(e, ev)
+                    self._stored(e, medium, ev)
                 elif isinstance(ev, BlockRemoved):
                     self._remove(e, ev.medium or "GPU", ev.block_hashes)
                 elif isinstance(ev, AllBlocksCleared):
@@ -160,51 +161,71 @@ class ResidencyIndex:
         with self._lock:
             self._clear(self._engine(engine))
 
-    def _store(self, e: EngineResidency, medium: str, hashes: Sequence[int | bytes]) -> None:
+    def _store(
+        self, e: EngineResidency, medium: str, hashes: Sequence[int | bytes]
+    ) -> tuple[list[int], dict[int, int]]:
+        """Count one stored copy of each hash; returns the hashes in u64 form and the distinct
+        ones (as a dict, for the block tree). Distinct hashes — every event vLLM sends for one
+        request — take bulk dict operations in C; duplicate copies of held blocks (two requests
+        that computed the same block) just count up."""
+        hs = hashes if type(hashes) is list and _all_u64(hashes) else [to_u64(h) for h in hashes]
+        new = dict.fromkeys(hs, 1)
         counts = e.counts.setdefault(medium, {})
         masks = self._masks.setdefault(medium, {})
         bit = e.bit
-        if type(hashes) is list and _fresh(hashes, counts):
-            # the common case, in C: blocks new to this engine, no repeats within the event
-            counts.update(dict.fromkeys(hashes, 1))
-            shared = masks.keys() & hashes  # held by other engines already
-            if shared:
-                for h in shared:
-                    masks[h] |= bit
-                masks.update((h, bit) for h in hashes if h not in shared)
-            else:
-                masks.update(dict.fromkeys(hashes, bit))
-            self.blocks_applied += len(hashes)
-            return
-        for raw in hashes:
-            h = raw if type(raw) is int and raw >= 0 else to_u64(raw)
-            c = counts.get(h, 0)
-            counts[h] = c + 1
-            if c == 0:
-                masks[h] = masks.get(h, 0) | bit
-        self.blocks_applied += len(hashes)
+        self.blocks_applied += len(hs)
+        if len(new) < len(hs):  # a hash repeated within the event: one copy at a time
+            for h in hs:
+                c = counts.get(h, 0)
+                counts[h] = c + 1
+                if c == 0:
+                    masks[h] = masks.get(h, 0) | bit
+            return hs, new
+        add: Sequence[int] = hs
+        if not counts.keys().isdisjoint(new):
+            held = counts.keys() & new
+            for h in held:
+                counts[h] += 1
+            add = [h for h in hs if h not in held]
+            counts.update(dict.fromkeys(add, 1))
+        else:
+            counts.update(new)
+        shared = masks.keys() & add  # held by other engines already
+        if shared:
+            for h in shared:
+                masks[h] |= bit
+            masks.update((h, bit) for h in add if h not in shared)
+        else:
+            masks.update(dict.fromkeys(add, bit))
+        return hs, new
 
-    def _grow_tree(self, e: EngineResidency, ev: BlockStored) -> None:
-        n, bs = len(ev.block_hashes), ev.block_size
+    def _stored(self, e: EngineResidency, medium: str, ev: BlockStored) -> None:
+        """One BlockStored: residency, then the block tree."""
+        hashes, new = self._store(e, medium, ev.block_hashes)
+        self._grow_tree(e, ev, hashes, new)
+
+    def _grow_tree(
+        self, e: EngineResidency, ev: BlockStored, hashes: list[int], new: dict[int, int]
+    ) -> None:
+        n, bs = len(hashes), ev.block_size
         if n == 0 or bs <= 0 or len(ev.token_ids) != n * bs:
             return  # masked or hybrid groups carry no usable token ids
-        hashes = ev.block_hashes  # u64 ints (normalize_hashes ran on every decoded batch)
-        if not _all_u64(hashes):
-            hashes = [to_u64(h) for h in hashes]
         known = self._tree_key
-        seen = known.keys() & hashes
-        if len(seen) == n:
+        fresh = known.keys().isdisjoint(new)
+        if not fresh and known.keys() >= new.keys():
             return  # a re-announcement (report mode "full")
         cks = block_keys(array("I", ev.token_ids), bs, self.secret)
         prev = ev.parent_block_hash
         if prev is None:
             first = ev.extra_keys[0] if ev.extra_keys else None
-            root: Any = ("root", self._groups.get(e.name), bs, _freeze(first))
+            root = self._root(self._groups.get(e.name), bs, first)
         else:
             root = prev if type(prev) is int else to_u64(prev)
         tree = self._tree
-        keys = list(zip([root, *hashes[:-1]], cks, strict=True))
-        if not seen and len(set(hashes)) == n:  # all new and distinct: two bulk updates in C
+        # a node's key: parent hash XOR the keyed content key (both 64-bit; the content key is
+        # secret-keyed, so no prompt can be crafted to collide with another's node)
+        keys = list(map(xor, [root, *hashes[:-1]], cks))
+        if fresh and len(new) == n:  # all new and distinct: two bulk updates in C
             tree.update(zip(keys, hashes, strict=True))
             known.update(zip(hashes, keys, strict=True))
             return
@@ -212,6 +233,12 @@ class ResidencyIndex:
             if h not in known:
                 tree[key] = h
                 known[h] = key
+
+    def _root(self, group: Any, block_size: int, extra: Any) -> int:
+        """The tree's parent key of a block 0: one per hash group, block size and block-0
+        extra keys (LoRA, cache salt), as a keyed 64-bit value."""
+        ident = repr(("root", group, block_size, _freeze(extra))).encode()
+        return xxhash.xxh3_64_intdigest(ident, self.secret)
 
     def _prune(self, h: int) -> None:
         """Drop ``h`` from the tree once no engine holds it in any medium."""
@@ -231,9 +258,9 @@ class ResidencyIndex:
         out: list[int] = []
         with self._lock:
             tree = self._tree
-            parent: Any = ("root", group, block_size, _freeze(root_extra))
+            parent = self._root(group, block_size, root_extra)
             for ck in content_keys:
-                h = tree.get((parent, ck))
+                h = tree.get(parent ^ ck)
                 if h is None:
                     break
                 out.append(h)
@@ -434,21 +461,14 @@ class PrefixWalk:
         return out
 
 
-def _fresh(hashes: list[Any], counts: dict[int, int]) -> bool:
-    """All u64 ints, none held yet, none repeated: the bulk path of ``_store`` applies."""
-    if not hashes or not _all_u64(hashes):
-        return False
-    return len(set(hashes)) == len(hashes) and not (counts.keys() & hashes)
-
-
 def block_keys(tokens: array, block_size: int, secret: int) -> list[int]:
     """Keyed 64-bit content key of every full block of ``tokens`` (uint32): XXH3 of the block's
     bytes with a per-process secret seed. Per block in C, which beats numpy's per-call overhead
     on the small batches events carry; the router computes the same keys for its prompts."""
-    mv = memoryview(tokens).cast("B")
+    raw = tokens.tobytes()  # slicing bytes and a positional seed beat memoryview + keyword
     width = block_size * 4
-    f = xxhash.xxh3_64_intdigest
-    return [f(mv[i : i + width], seed=secret) for i in range(0, len(mv) - width + 1, width)]
+    parts = [raw[i : i + width] for i in range(0, len(raw) - width + 1, width)]
+    return list(map(xxhash.xxh3_64_intdigest, parts, repeat(secret)))
 
 
 def _freeze(x: Any) -> Any:
