@@ -88,8 +88,8 @@ class ResidencyIndex:
         self._spec_queue: deque[tuple[float, str, tuple[int, ...]]] = deque()
         self._lock = threading.Lock()
         self.blocks_applied = 0
-        # Block tree from the events' token ids: (parent hash ^ content key) -> hash. It lets a router
-        # find the hashes of a prompt's held prefix without sha256 (see ``tree_keys``).
+        # Block tree from the events' token ids: (parent hash ^ content key) -> hash. It lets a
+        # router find the hashes of a prompt's held prefix without sha256 (see ``tree_keys``).
         self.secret = int.from_bytes(os.urandom(8), "little")  # keys the content hashes
         self._tree: dict[int, int] = {}  # node key (see ``_grow_tree``) -> hash
         self._tree_key: dict[int, int] = {}  # hash -> its node key (for pruning)
