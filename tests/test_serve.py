@@ -39,6 +39,21 @@ def test_index_match_prefix_clear_stats(client: TestClient) -> None:
     assert client.get("/v1/stats").json()["blocks"] == 0
 
 
+def test_stats_show_only_the_callers_tenant(client: TestClient) -> None:
+    for t, n in (("acme", 3), ("globex", 2)):
+        for k in range(n):
+            r = client.post("/v1/index", json={"agent_id": f"a{k}", "token_ids": SYSTEM + [k] * 32},
+                            headers={"X-Tenant": t})  # fmt: skip
+            assert r.status_code == 200
+    acme = client.get("/v1/stats", headers={"X-Tenant": "acme"}).json()
+    globex = client.get("/v1/stats", headers={"X-Tenant": "globex"}).json()
+    assert (acme["tenant"], acme["agents"], acme["blocks"]) == ("acme", 3, 4 + 3 * 2)
+    assert (globex["agents"], globex["blocks"], globex["tenants"]) == (2, 4 + 2 * 2, 1)
+    other = client.get("/v1/stats", headers={"X-Tenant": "nobody"}).json()
+    assert (other["agents"], other["blocks"], other["tenants"]) == (0, 0, 0)
+    assert client.get("/v1/stats").json()["agents"] == 0  # the default tenant holds nothing
+
+
 def test_chat_and_text_prompts(client: TestClient) -> None:
     msgs = [{"role": "system", "content": "You plan. " * 40}, {"role": "user", "content": "go"}]
     assert client.post("/v1/index", json={"agent_id": "a", "messages": msgs}).status_code == 200

@@ -46,7 +46,8 @@ def _root() -> None:
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # one line, whatever the terminal width: scripts grep it, people copy it
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -214,6 +215,14 @@ def analyze_cmd(
             help="Bound on distinct blocks kept for the replay (oldest requests dropped first).",
         ),
     ] = 2_000_000,
+    min_gain: Annotated[
+        int,
+        typer.Option(
+            "--min-gain",
+            min=0,
+            help="Layout changes gaining fewer tokens over the trace are folded into a count.",
+        ),
+    ] = 64,
 ) -> None:
     """Replay a multi-agent trace: what vLLM's prefix cache reuses per agent and agent pair,
     what it leaves on the table (moved content) and where each prefix breaks."""
@@ -225,22 +234,28 @@ def analyze_cmd(
         matcher = SyncMatcher(
             block_size=block_size, hash_algo=algo, hash_seed=hash_seed, tokenizer=tokenizer
         )
+        opts: dict[str, Any] = {
+            "ms_per_block": ms_per_block, "max_blocks": max_blocks, "min_gain_tokens": min_gain
+        }  # fmt: skip
         if as_json:
-            result = analyze(reqs, matcher, ms_per_block=ms_per_block, max_blocks=max_blocks)
+            result = analyze(reqs, matcher, **opts)
         else:
             from rich.progress import track
 
-            result = analyze(
-                track(reqs, description="replaying", transient=True), matcher,
-                ms_per_block=ms_per_block, max_blocks=max_blocks,
-            )  # fmt: skip
+            result = analyze(track(reqs, description="replaying", transient=True), matcher, **opts)
     except KvforgeError as exc:
         _fail(str(exc))
         return
     if html is not None:
         from kvforge.analyze.html import render_html
 
-        html.write_text(render_html(result, title=f"kvforge analysis of {trace.name}"), "utf-8")
+        page = render_html(result, title=f"kvforge analysis of {trace.name}")
+        try:
+            html.parent.mkdir(parents=True, exist_ok=True)
+            html.write_text(page, "utf-8")
+        except OSError as exc:
+            _fail(f"cannot write the HTML report to {html}: {exc.strerror or exc}")
+            return
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
         return
@@ -266,8 +281,11 @@ def analyze_cmd(
         for p in pairs:
             pt.add_row(p["agent"], p["source"], f"{p['exact_tokens']:,}", f"{p['moved_tokens']:,}")
         console.print(pt)
-    for line in result.advice:
-        console.print(f"[bold]advice:[/] {line}", highlight=False)
+    for note in result.notes():
+        console.print(f"[bold]note:[/] {note}", highlight=False)
+    console.print(f"[bold]advice:[/] {result.summary()}", highlight=False)
+    for k, line in enumerate(result.advice, 1):
+        console.print(f"  {k}. {line}", highlight=False)
     if result.divergences:
         dt = Table(title="Where prefixes break", title_justify="left")
         for col in ("line", "agent", "vs", "token", "why"):

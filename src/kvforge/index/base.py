@@ -167,7 +167,8 @@ class BlockIndex(ABC):
         return self.stats().tenants
 
     @abstractmethod
-    def stats(self) -> IndexStats: ...
+    def stats(self, tenant: str | None = None) -> IndexStats:
+        """Sizes of the whole index, or of one tenant's part (``tenants`` is then 0 or 1)."""
 
     @abstractmethod
     def tenants(self) -> list[str]:

@@ -980,9 +980,9 @@ class MemoryIndex(BlockIndex):
             root = int(t.b_parent[bids[0]])
             yield OwnerRecord(name, info, t.owner_tokens(oid).copy(), spaces[root])
 
-    def stats(self) -> IndexStats:
+    def stats(self, tenant: str | None = None) -> IndexStats:
         rows = []
-        for name in self.tenants():
+        for name in self.tenants() if tenant is None else [tenant]:
             with self._use(name) as t:
                 if t is not None:
                     rows.append(

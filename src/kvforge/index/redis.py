@@ -475,10 +475,13 @@ class RedisIndex(BlockIndex):
         return self.replica.num_blocks()
 
     @_locked
-    def stats(self) -> IndexStats:
+    def stats(self, tenant: str | None = None) -> IndexStats:
         with contextlib.suppress(BackendUnavailableError):
-            self.sync_all()
-        return self.replica.stats()
+            if tenant is None:
+                self.sync_all()
+            else:
+                self.sync(tenant)
+        return self.replica.stats(tenant)
 
     @_locked
     def tenants(self) -> list[str]:

@@ -363,21 +363,31 @@ class SyncMatcher:
             truncated=hit.truncated,
         )
 
-    def _breaks(self, key: str, seq: BlockSequence, hit: LookupResult) -> dict[str, int]:
-        """Token where each span owner's prefix stops matching the query (call under lock)."""
-        out: dict[str, int] = {}
+    def _breaks(
+        self, key: str, seq: BlockSequence, hit: LookupResult
+    ) -> dict[str, tuple[int, np.ndarray | None]]:
+        """Per span owner (at most 8): the token where its prefix stops matching the query,
+        and its tokens from the start of that block over ``_GAP_BLOCKS`` blocks (the text it
+        holds between the break and the shared span, for the advice). Call under lock."""
+        out: dict[str, tuple[int, np.ndarray | None]] = {}
         bs = seq.block_size
         for sp in hit.spans:
             o = sp.owner
             if o in out or len(out) >= 8:
                 continue
             depth = hit.prefix_by_owner.get(o, 0)
-            toks = self.index.owner_block_tokens(key, o, depth)
-            if toks is None or depth >= seq.num_blocks:
-                out[o] = depth * bs
+            blocks = []
+            for b in range(depth, depth + _GAP_BLOCKS):
+                toks = self.index.owner_block_tokens(key, o, b)
+                if toks is None:
+                    break
+                blocks.append(toks)
+            if not blocks or depth >= seq.num_blocks:
+                out[o] = (depth * bs, None)
                 continue
-            same = toks == seq.tokens[depth]
-            out[o] = depth * bs + (int(np.argmin(same)) if not same.all() else bs)
+            same = blocks[0] == seq.tokens[depth]
+            brk = depth * bs + (int(np.argmin(same)) if not same.all() else bs)
+            out[o] = (brk, np.concatenate(blocks))
         return out
 
     def _fixes(
@@ -385,35 +395,68 @@ class SyncMatcher:
         tp: TokenizedPrompt,
         hit: LookupResult,
         spans: list[MovedSpan],
-        breaks: dict[str, int],
+        breaks: dict[str, tuple[int, np.ndarray | None]],
         bs: int,
     ) -> list[Fix]:
         """Per owner: shared content right after the point where the prefix broke — moving the
-        varying text below it would make it exact prefix reuse."""
+        varying text (in the query, in the owner's prompt, or in both) below it would make it
+        exact prefix reuse. The advice names the prompt that holds that text."""
         out: list[Fix] = []
         done: set[str] = set()
         for sp in spans:  # longest first
-            brk = breaks.get(sp.owner)
-            if brk is None or sp.owner in done or sp.query_start < brk:
+            got = breaks.get(sp.owner)
+            if got is None or sp.owner in done:
                 continue
-            gain = (brk + sp.length) // bs * bs - hit.prefix_by_owner.get(sp.owner, 0) * bs
-            if gain < 2 * bs or sp.query_start - brk > 4 * bs:
+            brk, owner_toks = got
+            # a span may start inside the common prefix on one side: only its part after the
+            # break can follow the prefix in both prompts
+            cut = max(0, brk - sp.query_start, brk - sp.owner_start)
+            q_start, o_start, length = sp.query_start + cut, sp.owner_start + cut, sp.length - cut
+            q_gap, o_gap = q_start - brk, o_start - brk
+            if length <= 0 or (q_gap == 0 and o_gap == 0):
                 continue
+            # over what the query already reuses (another owner may hold a longer prefix)
+            gain = (brk + length) // bs * bs - hit.exact_blocks * bs
+            if gain < 2 * bs or min(q_gap, o_gap) > _GAP_BLOCKS * bs:
+                continue  # little to gain, or two different texts too long to call "varying"
             done.add(sp.owner)
-            text = self._text(tp, brk, sp.query_start) if sp.query_start > brk else ""
-            what = repr(text[:60]) if text else "the text at that point"
+            q_text = self._text(tp, brk, q_start) if q_gap else ""
+            o_text = ""
+            if o_gap and owner_toks is not None:
+                base = hit.prefix_by_owner.get(sp.owner, 0) * bs
+                o_text = self.tokenizer.decode(owner_toks[brk - base : o_start - base].tolist())
+            holder = "both" if q_gap and o_gap else "query" if q_gap else "owner"
+            where = f"(+{gain:,} prefix-reusable tokens)"
+            if holder == "query":
+                advice = (
+                    f"{_preview(q_text)} at token {brk} breaks {length:,} tokens shared with "
+                    f"{sp.owner} (there at token {o_start}): put it after them {where}"
+                )
+            elif holder == "owner":
+                advice = (
+                    f"{sp.owner}'s prompt has {_preview(o_text)} ({o_gap:,} tokens) at token "
+                    f"{brk} where this prompt goes straight on; it breaks {length:,} shared "
+                    f"tokens (here at token {q_start}): put it after them in "
+                    f"{sp.owner}'s prompt {where}"
+                )
+            else:
+                advice = (
+                    f"the varying text at token {brk} — {_preview(q_text)} here, "
+                    f"{_preview(o_text)} in {sp.owner} — breaks {length:,} shared tokens: "
+                    f"put it after them in both prompts {where}"
+                )
             out.append(
                 Fix(
                     owner=sp.owner,
                     break_token=brk,
-                    shared_tokens=sp.length,
+                    shared_tokens=length,
                     gain_tokens=gain,
-                    breaking_text=text,
-                    advice=(
-                        f"{what} at token {brk} breaks {sp.length:,} tokens shared with "
-                        f"{sp.owner} (there at token {sp.owner_start}): put it after them "
-                        f"(+{gain:,} prefix-reusable tokens)"
-                    ),
+                    breaking_text=q_text,
+                    advice=advice,
+                    holder=holder,
+                    owner_text=o_text,
+                    query_gap_tokens=q_gap,
+                    owner_gap_tokens=o_gap,
                 )
             )
         return out
@@ -469,8 +512,10 @@ class SyncMatcher:
                 out += self.index.export(tenant)
         return out
 
-    def stats(self) -> dict[str, Any]:
-        s = self.index.stats()  # each backend guards its own structures
+    def stats(self, *, tenant: str | None = None, scoped: bool = False) -> dict[str, Any]:
+        """Index sizes and configuration. ``scoped``: only ``tenant``'s part (the default
+        tenant when None) — what a caller may see of a shared service."""
+        s = self.index.stats(_tenant_key(tenant) if scoped else None)
         return {
             "tenants": s.tenants,
             "agents": s.owners,
@@ -560,6 +605,15 @@ class SyncMatcher:
             query_tokens=q[diff:],
             owner_tokens=o[diff:],
         )
+
+
+# How far past an owner's exact prefix its tokens are fetched to show the text it holds between
+# a break and the shared span (advice only; a longer gap is shown by its first blocks).
+_GAP_BLOCKS = 4
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text[:limit] + ("…" if len(text) > limit else "")) if text else "nothing"
 
 
 def _best_owner(hit: LookupResult) -> str | None:

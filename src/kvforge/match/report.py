@@ -48,14 +48,23 @@ class MovedSpan:
 
 @dataclass(frozen=True, slots=True)
 class Fix:
-    """A layout change that turns moved content into exact prefix reuse."""
+    """A layout change that turns moved content into exact prefix reuse.
+
+    After ``break_token`` both prompts share ``shared_tokens`` identical tokens, but at other
+    positions: something sits before them in one prompt (or in both) that the other lacks.
+    ``holder`` names the prompt that must change: ``"query"``, ``"owner"``, or ``"both"``
+    (each has its own varying text there, e.g. an agent's name)."""
 
     owner: str
-    break_token: int  # where the query's prefix stops matching the owner's
+    break_token: int  # where the query's prefix stops matching the owner's (same in both)
     shared_tokens: int  # the moved span that follows
     gain_tokens: int  # extra prefix-reusable tokens if the varying part moved below the span
-    breaking_text: str  # the query text between the break and the shared span
+    breaking_text: str  # the query's text between the break and the shared span ("" if none)
     advice: str
+    holder: str = "query"  # which prompt holds the breaking text: query, owner or both
+    owner_text: str = ""  # the owner's text between the break and the shared span
+    query_gap_tokens: int = 0  # tokens of the query between the break and the span
+    owner_gap_tokens: int = 0  # tokens of the owner's prompt between the break and the span
 
 
 @dataclass(frozen=True, slots=True)

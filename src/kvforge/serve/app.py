@@ -469,8 +469,11 @@ def create_app(
         return {"agents": names, "degraded": True} if degraded else {"agents": names}
 
     @app.get("/v1/stats", dependencies=deps, responses=errors)
-    def stats() -> dict[str, Any]:
-        out = m.stats()
+    def stats(t: str | None = Depends(tenant)) -> dict[str, Any]:
+        # the caller's tenant only (X-Tenant, or the default one): how many tenants there are
+        # and what they hold is the operator's business (/metrics)
+        out = m.stats(tenant=t, scoped=True)
+        out["tenant"] = t
         if router is not None:
             out["events"] = {sub.engine: asdict(sub.stats) for sub in subs}
             out["residency"] = router.residency.stats()
