@@ -402,28 +402,48 @@ class _Tenant:
         more = self.more_children.get(b)
         return [first] if more is None else [first, *_mm_values(more)]
 
-    def _leaving_owners(self, b: int, stay: int) -> list[int]:
-        """Ids of the owners through block ``b`` that do not continue into ``stay``: O(those
-        owners), vectorized where many prompts branch off at ``b``."""
-        got = self.ends.get(b)
-        ids = [] if got is None else [got] if isinstance(got, int) else list(got)
-        kids = self.children_of(b)
-        if len(kids) > 8:
-            k_arr = np.asarray(kids, dtype=np.int64)
-            k_arr = k_arr[k_arr != stay]
-            one = self.b_nown[k_arr] == 1
-            ids += self.b_owner[k_arr[one]].tolist()
-            for c in k_arr[~one].tolist():
-                ids += self.block_owners[c]
-            return ids
-        for c in kids:
-            if c != stay:
-                s = self.block_owners.get(c)
-                if s is None:
-                    ids.append(int(self.b_owner[c]))
-                else:
-                    ids += s
-        return ids
+    def _leaving_along(self, chain: list[int], points: list[int]) -> list[list[int]]:
+        """Per change point ``i`` of the chain: ids of the owners through ``chain[i]`` that do
+        not continue into ``chain[i + 1]`` (their prompt ends there, or goes into another
+        child). The children of all points are gathered in C (``list.extend``) and classified
+        in one vectorized pass: O(points) Python steps plus O(owners) in numpy."""
+        ends, more, bo = self.ends, self.more_children, self.block_owners
+        out: list[list[int]] = []
+        kids: list[int] = []
+        counts: list[int] = []
+        firsts = self.b_child[[chain[i] for i in points]].tolist() if points else []
+        for i, first in zip(points, firsts, strict=True):
+            b = chain[i]
+            got = ends.get(b)
+            out.append([] if got is None else [got] if isinstance(got, int) else list(got))
+            n0 = len(kids)
+            if first >= 0:
+                kids.append(first)
+                m = more.get(b)
+                if isinstance(m, int):
+                    kids.append(m)
+                elif m is not None:
+                    kids.extend(m)
+            counts.append(len(kids) - n0)
+        if not kids:
+            return out
+        k_arr = np.asarray(kids, dtype=np.int64)
+        point = np.repeat(np.arange(len(points)), counts)
+        stay = np.asarray([chain[i + 1] for i in points], dtype=np.int64)[point]
+        keep = k_arr != stay
+        single = self.b_nown[k_arr] == 1
+        sel = keep & single
+        sp = point[sel]  # grouped by point: kids were gathered in point order
+        owners = self.b_owner[k_arr[sel]].tolist()
+        bounds = np.searchsorted(sp, np.arange(len(points) + 1)).tolist()
+        for k in range(len(points)):
+            lo, hi = bounds[k], bounds[k + 1]
+            if hi > lo:
+                out[k] += owners[lo:hi]
+        shared = keep & ~single  # children several owners go through (rare here)
+        for c, k in zip(k_arr[shared].tolist(), point[shared].tolist(), strict=True):
+            out[k] += bo[c]
+        return out
 
     def leaving(self, b: int, stay: int) -> tuple[list[int], list[int]]:
         """Owners through block ``b`` that do not continue into its child ``stay``: those whose
@@ -583,12 +603,13 @@ class _Tenant:
             order: list[str] = []
             neg_depths: list[int] = []  # ascending, for bisect
             chain_l = chain_b.tolist()
-            for i in reversed(cps):
+            leaving = self._leaving_along(chain_l, cps[:-1])
+            for k in range(len(cps) - 1, -1, -1):
+                i = cps[k]
                 if i == deep - 1:
                     fresh = [n for n, _ in self._sorted_owners(chain_l[i])[1]]
                 else:
-                    left = self._leaving_owners(chain_l[i], chain_l[i + 1])
-                    fresh = sorted(map(names.__getitem__, left))
+                    fresh = sorted(map(names.__getitem__, leaving[k]))
                 if exclude is not None:
                     fresh = [n for n in fresh if not is_excluded(n, exclude)]
                 if fresh:
@@ -644,9 +665,11 @@ class _Tenant:
         single_rows: list[int] = []
         singles: list[int] = []
         for table, cache, col in zip(self.near, self.near_arrays, keys, strict=True):
-            for j, cur in enumerate(map(table.get, col)):  # one C-level pass per table
-                if cur is None:
-                    continue
+            present = table.keys() & col  # one C-level pass; most chunks are in no bucket
+            if not present:
+                continue
+            for j in [j for j, k in enumerate(col) if k in present]:
+                cur = table[col[j]]
                 if isinstance(cur, int):
                     single_rows.append(j)
                     singles.append(cur)

@@ -242,18 +242,43 @@ class SpanSearch:
         postings = self.t.postings
         omitted = postings.omitted
         uniq, inv, occ = np.unique(hashes, return_inverse=True, return_counts=True)
-        arrs: list[np.ndarray] = []
+        # Postings as one flat array with (offset, length) per distinct query anchor: most
+        # anchors of a query are posted nowhere (found in one C-level set intersection), most
+        # of the rest once (a system prompt's anchors are posted by one chain block).
+        ul = uniq.tolist()
+        post = postings.post
+        present = post.keys() & ul
         lens = np.zeros(uniq.size, dtype=np.int64)
+        offs = np.zeros(uniq.size, dtype=np.int64)
+        singles: list[int] = []
+        single_js: list[int] = []
+        shared: list[np.ndarray] = []
+        shared_js: list[int] = []
+        if present:
+            for j in np.flatnonzero(np.isin(uniq, np.fromiter(present, np.uint64))).tolist():
+                h = ul[j]
+                cur = post[h]
+                if h in omitted:
+                    self.truncated = True
+                if isinstance(cur, int):
+                    singles.append(cur)
+                    single_js.append(j)
+                else:
+                    arr = postings.array(h)
+                    assert arr is not None
+                    shared.append(arr)
+                    shared_js.append(j)
         empty = np.zeros(0, dtype=np.int64)
-        for j, h in enumerate(uniq.tolist()):
-            arr = postings.array(h)
-            if arr is None:
-                arrs.append(empty)
-                continue
-            if h in omitted:
-                self.truncated = True
-            arrs.append(arr)
-            lens[j] = arr.size
+        flat = np.concatenate([np.asarray(singles, dtype=np.int64), *shared])
+        if single_js:
+            js = np.asarray(single_js, dtype=np.int64)
+            lens[js] = 1
+            offs[js] = np.arange(js.size)
+        if shared_js:
+            sizes = np.fromiter((a.size for a in shared), dtype=np.int64, count=len(shared))
+            js = np.asarray(shared_js, dtype=np.int64)
+            lens[js] = sizes
+            offs[js] = len(singles) + np.cumsum(sizes) - sizes
         per = lens[inv]  # pairs per query anchor, in query order
         # the rank of each query anchor among those of its hash (query order)
         order = np.argsort(inv, kind="stable")
@@ -272,8 +297,11 @@ class SpanSearch:
             hit = hit[total <= self.budget.max_pairs]
         if hit.size == 0:
             return empty, empty, empty
-        packed = np.concatenate([arrs[k] for k in inv[hit].tolist()])
-        qpos = np.repeat(pos[hit].astype(np.int64), per[hit])
+        # ragged gather: the postings of each hit query anchor, in query order
+        cnt = per[hit]
+        first = offs[inv[hit]]
+        packed = flat[np.repeat(first - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))]
+        qpos = np.repeat(pos[hit].astype(np.int64), cnt)
         return qpos, packed >> 32, packed & _POS_MASK
 
     def _prefix_agreement(self, nodes: np.ndarray) -> np.ndarray:
