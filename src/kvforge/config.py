@@ -19,6 +19,7 @@ engines come from the file only. Every error names the field::
     # index_url = "redis://redis:6379/0?prefix=kvf&ttl=86400"   # shared by router replicas
     # snapshot_path = "/var/lib/kvforge/index.snapshot"   # restored on start
     snapshot_interval = 30.0
+    # workers = 4               # processes; > 1 needs a redis:// index_url
 
     [router]
     load_weight = 0.1
@@ -71,6 +72,8 @@ class ServiceSection:
     index_url: str = "memory://"
     snapshot_path: str | None = None  # embedded index persistence (restored on start)
     snapshot_interval: float = 30.0
+    # worker processes (each answers requests, all share index_url, which must then be Redis)
+    workers: int = 1
 
 
 @dataclass
@@ -160,6 +163,13 @@ def load_config(
     if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
         raise InvalidInputError(
             f"config: [service].index_url must be memory:// or redis://… (got {url!r})"
+        )
+    if cfg.service.workers < 1:
+        raise InvalidInputError("config: [service].workers must be at least 1")
+    if cfg.service.workers > 1 and url.startswith("memory://"):
+        raise InvalidInputError(
+            "config: [service].workers > 1 needs a shared index_url (redis://…): with "
+            "memory:// every worker process would keep its own index and residency"
         )
     if cfg.service.snapshot_path and not url.startswith("memory://"):
         raise InvalidInputError(

@@ -397,6 +397,12 @@ def serve_cmd(
             "bearer token (tokens never go on the command line).",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, help="Worker processes (> 1 needs a redis:// --index-url)."
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP service: index / match / clear / stats / prefix hash, routing and the
     OpenAI-compatible proxy for the engines of the config file, metrics, health.
@@ -407,61 +413,32 @@ def serve_cmd(
     import uvicorn
 
     from kvforge.config import load_config
-    from kvforge.match import SyncMatcher
-    from kvforge.route import Router
-    from kvforge.route.shared import open_residency
-    from kvforge.serve import create_app
+    from kvforge.serve.factory import SERVE_ARGS_ENV, api_token, build_app, serve_args
 
+    overrides: dict[str, dict[str, Any]] = {
+        "service": {"host": host, "port": port, "api_token_env": api_token_env,
+                    "index_url": index_url, "workers": workers},
+        "matcher": {"block_size": block_size, "hash_algo": algo, "hash_seed": hash_seed,
+                    "tokenizer": tokenizer},
+    }  # fmt: skip
+    note = Console(stderr=True).print
     try:
-        cfg = load_config(
-            config,
-            overrides={
-                "service": {"host": host, "port": port, "api_token_env": api_token_env,
-                            "index_url": index_url},
-                "matcher": {"block_size": block_size, "hash_algo": algo, "hash_seed": hash_seed,
-                            "tokenizer": tokenizer},
-            },
-        )  # fmt: skip
-        mc, sc, rc = cfg.matcher, cfg.service, cfg.router
-        token = None
-        if sc.api_token_env is not None:
-            token = os.environ.get(sc.api_token_env)
-            if not token:
-                _fail(f"environment variable {sc.api_token_env} is empty or unset")
-        matcher = SyncMatcher(
-            block_size=mc.block_size, hash_algo=mc.hash_algo, hash_seed=mc.hash_seed,
-            tokenizer=mc.tokenizer, near_radius=mc.near_radius,
-            max_prompt_chars=mc.max_prompt_chars, max_prompt_tokens=mc.max_prompt_tokens,
-            max_agents_per_tenant=mc.max_agents_per_tenant, max_tenants=mc.max_tenants,
-            max_blocks=mc.max_blocks, index=sc.index_url,
-        )  # fmt: skip
-        router = (
-            Router(cfg.engines, residency=open_residency(sc.index_url),
-                   tokenizer=matcher.tokenizer,
-                   prefill_weight=rc.prefill_weight,
-                   load_weight=rc.load_weight, balance_rel=rc.balance_rel,
-                   balance_abs=rc.balance_abs, speculative_ttl=rc.speculative_ttl,
-                   stale_after=rc.stale_after)
-            if cfg.engines else None
-        )  # fmt: skip
+        cfg = load_config(config, overrides=overrides)
+        sc = cfg.service
+        if sc.workers == 1:
+            app_ = build_app(cfg, announce=note)
+        else:
+            api_token(cfg)  # refuse a missing token here, not in every worker
     except KvforgeError as exc:
         _fail(str(exc))
         return
-    snapshotter = None
-    if sc.snapshot_path:
-        from kvforge.persist import Snapshotter
-
-        snapshotter = Snapshotter(matcher, sc.snapshot_path, sc.snapshot_interval)
-        restored = snapshotter.restore()
-        Console(stderr=True).print(f"restored {restored} indexed prompts from {sc.snapshot_path}")
-    app_ = create_app(
-        matcher,
-        router=router,
-        api_token=token,
-        max_body_bytes=sc.max_body_bytes,
-        snapshotter=snapshotter,
-    )
-    uvicorn.run(app_, host=sc.host, port=sc.port, log_level="info")
+    if sc.workers == 1:
+        uvicorn.run(app_, host=sc.host, port=sc.port, log_level="info")
+        return
+    # each worker process builds the same service from the same configuration
+    os.environ[SERVE_ARGS_ENV] = serve_args(str(config) if config else None, overrides)
+    uvicorn.run("kvforge.serve.factory:app_from_env", factory=True, workers=sc.workers,
+                host=sc.host, port=sc.port, log_level="info")  # fmt: skip
 
 
 def main() -> None:

@@ -1,0 +1,87 @@
+"""The service built from its configuration, in one place: the command line, each worker
+process and the tests all go through :func:`build_app`.
+
+With ``[service].workers > 1`` the command line hands the configuration to uvicorn's worker
+processes (each builds its own app, so each subscribes to every engine's KV events itself —
+ZMQ fans them out — or, on a shared residency, takes its turn ingesting them through Redis);
+the workers then share one index and residency through ``index_url``, which must be Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from fastapi import FastAPI
+
+from kvforge.config import Config, load_config
+from kvforge.errors import InvalidInputError
+
+# how the command line passes its arguments to uvicorn's worker processes
+SERVE_ARGS_ENV = "KVFORGE_SERVE_ARGS"
+
+
+def api_token(cfg: Config) -> str | None:
+    """The bearer token, read from the variable the config names (never from the config)."""
+    name = cfg.service.api_token_env
+    if name is None:
+        return None
+    token = os.environ.get(name)
+    if not token:
+        raise InvalidInputError(f"environment variable {name} is empty or unset")
+    return token
+
+
+def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
+    """Matcher, router (when engines are configured), snapshotter and the app. ``announce``
+    gets one line of news (e.g. how much a snapshot restored)."""
+    from kvforge.match import SyncMatcher
+    from kvforge.route import Router
+    from kvforge.route.shared import open_residency
+    from kvforge.serve.app import create_app
+
+    mc, sc, rc = cfg.matcher, cfg.service, cfg.router
+    token = api_token(cfg)
+    matcher = SyncMatcher(
+        block_size=mc.block_size, hash_algo=mc.hash_algo, hash_seed=mc.hash_seed,
+        tokenizer=mc.tokenizer, near_radius=mc.near_radius,
+        max_prompt_chars=mc.max_prompt_chars, max_prompt_tokens=mc.max_prompt_tokens,
+        max_agents_per_tenant=mc.max_agents_per_tenant, max_tenants=mc.max_tenants,
+        max_blocks=mc.max_blocks, index=sc.index_url,
+    )  # fmt: skip
+    router = (
+        Router(cfg.engines, residency=open_residency(sc.index_url), tokenizer=matcher.tokenizer,
+               prefill_weight=rc.prefill_weight, load_weight=rc.load_weight,
+               balance_rel=rc.balance_rel, balance_abs=rc.balance_abs,
+               speculative_ttl=rc.speculative_ttl, stale_after=rc.stale_after)
+        if cfg.engines else None
+    )  # fmt: skip
+    snapshotter = None
+    if sc.snapshot_path:
+        from kvforge.persist import Snapshotter
+
+        snapshotter = Snapshotter(matcher, sc.snapshot_path, sc.snapshot_interval)
+        restored = snapshotter.restore()
+        if announce is not None:
+            announce(f"restored {restored} indexed prompts from {sc.snapshot_path}")
+    return create_app(
+        matcher,
+        router=router,
+        api_token=token,
+        max_body_bytes=sc.max_body_bytes,
+        snapshotter=snapshotter,
+    )
+
+
+def serve_args(config: str | None, overrides: dict[str, dict[str, Any]]) -> str:
+    """What a worker needs to load the same configuration (the environment is inherited)."""
+    return json.dumps({"config": config, "overrides": overrides})
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's worker entry point (``factory=True``): the configuration the command line
+    loaded, loaded again in this process."""
+    args = json.loads(os.environ[SERVE_ARGS_ENV])
+    cfg = load_config(args["config"], overrides=args["overrides"])
+    return build_app(cfg)
