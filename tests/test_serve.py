@@ -95,6 +95,13 @@ def test_bearer_auth() -> None:
     assert c.get("/v1/stats", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert c.get("/v1/stats", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert c.get("/metrics").status_code == 401
+    # the schema and the docs are not public either when a token is set
+    assert c.get("/openapi.json").status_code == 401
+    ok = c.get("/openapi.json", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and "/v1/match" in ok.json()["paths"]
+    assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404
+    open_ = TestClient(create_app(SyncMatcher()))
+    assert open_.get("/openapi.json").status_code == 200 and open_.get("/docs").status_code == 200
 
 
 def test_metrics_and_route() -> None:

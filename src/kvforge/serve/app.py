@@ -338,11 +338,17 @@ def create_app(
             if "client" in resources:
                 await resources["client"].aclose()
 
+    # With a token, the schema is served only to callers holding it (below), and the
+    # interactive docs not at all: their page would fetch the schema without the token.
+    public_docs = api_token is None
     app = FastAPI(
         title="kvforge",
         version="0.1.0",
         description="Exact KV-cache reuse analysis and prefix-aware routing.",
         lifespan=lifespan,
+        openapi_url="/openapi.json" if public_docs else None,
+        docs_url="/docs" if public_docs else None,
+        redoc_url="/redoc" if public_docs else None,
     )
 
     def auth(authorization: str | None = Header(default=None)) -> None:
@@ -401,6 +407,11 @@ def create_app(
         return JSONResponse({"detail": detail}, status_code=422)
 
     deps = [Depends(auth)]
+    if not public_docs:
+
+        @app.get("/openapi.json", dependencies=deps, include_in_schema=False)
+        def openapi_schema() -> JSONResponse:
+            return JSONResponse(app.openapi())
     errors: dict[int | str, dict[str, Any]] = {
         400: {"description": "The body is not valid JSON."},
         401: {"description": "Missing or wrong bearer token (when the service has one)."},
