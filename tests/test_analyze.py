@@ -273,3 +273,39 @@ def test_charts_carry_scales_labels_and_numbers() -> None:
     labels = re.findall(r'class="req-label"[^>]*>([^<]+)<', tl)
     assert labels == [f"{r.line} {r.agent_id}" for r in reqs]
     assert all(f">{p}%<" in tl for p in (0, 50, 100))
+
+
+def test_openai_request_body_logs_are_traces(tmp_path: Path) -> None:
+    """One chat/completions body per line, as a gateway logs them: the agent from ``user``,
+    the render options honoured, unknown fields ignored."""
+    from kvforge.tokenize import ChatOptions
+
+    tk = PromptTokenizer.qwen3()
+    system = {"role": "system", "content": "You review code. " * 80}
+    bodies = [
+        {"model": "qwen3", "user": "critic", "timestamp": 1.5, "temperature": 0.2,
+         "messages": [system, {"role": "user", "content": "Review diff 1."}],
+         "chat_template_kwargs": {"enable_thinking": False}},
+        {"model": "qwen3", "user": "critic", "stream": True,
+         "messages": [system, {"role": "user", "content": "Review diff 2."}],
+         "chat_template_kwargs": {"enable_thinking": False}},
+        {"model": "qwen3", "prompt": ["Summarize the review.", "ignored second prompt"]},
+    ]  # fmt: skip
+    trace = tmp_path / "bodies.jsonl"
+    trace.write_text("".join(json.dumps(b) + "\n" for b in bodies))
+    reqs = read_trace(trace)
+    assert [r.agent_id for r in reqs] == ["critic", "critic", "default"]
+    assert reqs[0].t == 1.5 and reqs[2].prompt == "Summarize the review."
+    assert reqs[0].chat == ChatOptions(chat_template_kwargs={"enable_thinking": False})
+    out = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "analyze", str(trace),
+                          "--json"], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    want = sum(len(tk.encode_chat(b["messages"], chat=reqs[0].chat)) for b in bodies[:2])
+    assert doc["agents"]["critic"]["prompt_tokens"] == want
+    assert doc["agents"]["critic"]["exact_tokens"] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**bodies[0], "continue_final_message": True}) + "\n")
+    out = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "analyze", str(bad)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and "bad.jsonl:1" in out.stderr and "cannot both" in out.stderr

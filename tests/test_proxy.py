@@ -105,3 +105,31 @@ def test_streaming_and_completions(cluster) -> None:
     assert done.choices[0].text == "Sure, done."
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="standin", messages=[])
+
+
+def test_render_options_are_rendered_as_the_engine_renders_them(cluster) -> None:
+    """vLLM's add_generation_prompt / continue_final_message / chat_template_kwargs change the
+    rendered prompt; the proxy routes the prompt the engine will see (lengths chosen so that
+    ignoring the options would change the number of full blocks)."""
+    from kvforge.tokenize import ChatOptions
+
+    client, _, _ = cluster
+    tk = PromptTokenizer.qwen3()
+    opts = {"add_generation_prompt": False, "continue_final_message": True,
+            "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+    chat = ChatOptions(False, True, {"enable_thinking": False})
+    for pad in range(64):
+        msgs = [{"role": "user", "content": "Explain prefix caching." + " more" * pad},
+                {"role": "assistant", "content": "Prefix caching keeps"}]  # fmt: skip
+        n_with, n_without = len(tk.encode_chat(msgs, chat=chat)), len(tk.encode_chat(msgs))
+        if n_with // 16 != n_without // 16:
+            break
+    raw = client.chat.completions.with_raw_response.create(
+        model="standin", messages=msgs, extra_body=opts
+    )
+    assert int(raw.headers["x-kvforge-prompt-blocks"]) == n_with // 16
+    assert raw.parse().usage.prompt_tokens == n_with  # the engine rendered the same
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(
+            model="standin", messages=msgs, extra_body={"continue_final_message": True}
+        )

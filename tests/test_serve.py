@@ -146,3 +146,24 @@ def test_real_server_process() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_render_options_on_the_api(client: TestClient) -> None:
+    from kvforge import PromptTokenizer
+    from kvforge.tokenize import ChatOptions
+
+    msgs = [{"role": "system", "content": "You plan. " * 60}, {"role": "user", "content": "go"}]
+    opts = {"add_generation_prompt": True, "chat_template_kwargs": {"enable_thinking": False}}
+    want = len(PromptTokenizer.qwen3().encode_chat(msgs, chat=ChatOptions(**opts)))
+    r = client.post("/v1/index", json={"agent_id": "p", "messages": msgs, **opts})
+    assert r.status_code == 200 and r.json()["num_tokens"] == want
+    m = client.post("/v1/match", json={"messages": msgs, **opts}).json()
+    assert m["num_tokens"] == want and m["exact_blocks"] == want // 16
+    plain = client.post("/v1/match", json={"messages": msgs}).json()
+    assert plain["num_tokens"] == want - 4  # no "<think>\n\n</think>\n\n" after the header
+    for bad in ({"messages": msgs, "continue_final_message": True},
+                {"token_ids": [1, 2], "add_generation_prompt": False},
+                {"messages": msgs, "chat_template_kwargs": {"messages": []}},
+                {"messages": msgs, "add_generation_prompt": "no"}):  # fmt: skip
+        for path in ("/v1/match", "/v1/prefix-hash"):
+            assert client.post(path, json=bad).status_code == 422, (path, bad)

@@ -216,3 +216,74 @@ def test_chat_pieces_repeat_across_requests_and_stay_per_tenant(qwen3: PromptTok
     assert pieces.hits == hits and c.token_ids == a.token_ids
     # offsets (for reports) are computed on demand and match the text
     assert not c.has_offsets and c.char_span(0, 1) == (0, len("<|im_start|>"))
+
+
+# ---- vLLM's render options (golden renders read off the shipped Qwen3 template) ------------
+USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+HEAD = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+
+
+def test_render_options_follow_vllm(qwen3: PromptTokenizer) -> None:
+    from kvforge.tokenize import ChatOptions
+
+    def render(chat: ChatOptions | None, msgs: list[dict] = USER) -> str:
+        tp = qwen3.encode_chat(msgs, chat=chat)
+        assert list(tp.token_ids) == list(qwen3.encode_text(tp.text or "").token_ids)
+        return tp.text or ""
+
+    assert render(None) == HEAD + "<|im_start|>assistant\n"
+    no_think = ChatOptions(chat_template_kwargs={"enable_thinking": False})
+    assert render(no_think) == HEAD + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert render(ChatOptions(add_generation_prompt=False)) == HEAD
+    # the kwargs are merged over the flags, as vLLM merges them
+    assert render(ChatOptions(chat_template_kwargs={"add_generation_prompt": False})) == HEAD
+    # continue the final (assistant) message: the text stops right after its content
+    partial = [*USER, {"role": "assistant", "content": "Sure, the answer is"}]
+    cont = ChatOptions(add_generation_prompt=False, continue_final_message=True)
+    assert render(cont, partial) == (
+        HEAD + "<|im_start|>assistant\n<think>\n\n</think>\n\nSure, the answer is"
+    )
+    # trailing spaces the template keeps are kept
+    spaced = [*USER, {"role": "assistant", "content": "Sure, "}]
+    assert render(cont, spaced).endswith("\n\nSure, ")
+
+
+def test_render_options_refused_like_vllm(qwen3: PromptTokenizer) -> None:
+    from kvforge.tokenize import ChatOptions
+
+    with pytest.raises(InvalidInputError, match="cannot both be true"):
+        ChatOptions(continue_final_message=True)  # add_generation_prompt defaults to true
+    with pytest.raises(InvalidInputError, match="cannot both be true"):
+        ChatOptions(add_generation_prompt=False, continue_final_message=True,
+                    chat_template_kwargs={"add_generation_prompt": True})  # fmt: skip
+    with pytest.raises(InvalidInputError, match="may not set messages"):
+        ChatOptions(chat_template_kwargs={"messages": []})
+    with pytest.raises(InvalidInputError, match="booleans"):
+        ChatOptions(add_generation_prompt="yes")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="chat messages only"):
+        qwen3.tokenize("text", chat=ChatOptions(add_generation_prompt=False))
+    assert ChatOptions.from_fields() is None
+    assert ChatOptions.from_fields(None, None, {}) is None
+
+
+def test_tools_are_rendered_as_vllm_dumps_them(qwen3: PromptTokenizer) -> None:
+    """vLLM's request model fills a function's missing description/parameters with null and
+    dumps its declared keys first (type, function: name, description, parameters), then any
+    others: the template sees that, whatever order the client wrote."""
+    given = [{"function": {"parameters": {"type": "object"}, "name": "f", "strict": True}}]
+    out = qwen3.render_chat(USER, tools=given)
+    want = (
+        '{"type": "function", "function": {"name": "f", "description": null, '
+        '"parameters": {"type": "object"}, "strict": true}}'
+    )
+    assert "\n" + want + "\n</tools>" in out
+    bare = qwen3.render_chat(USER, tools=[{"type": "function", "function": {"name": "g"}}])
+    assert '{"type": "function", "function": {"name": "g", "description": null, ' \
+           '"parameters": null}}' in bare  # fmt: skip
+    for bad, why in (
+        ([{"type": "custom", "custom": {}}], "only function tools"),
+        ([{"type": "function", "function": {"description": "x"}}], "string 'name'"),
+        ([{"type": "function", "function": {"name": "h", "parameters": [1]}}], "object"),
+    ):
+        with pytest.raises(InvalidInputError, match=why):
+            qwen3.render_chat(USER, tools=bad)

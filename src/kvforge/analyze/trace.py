@@ -1,13 +1,19 @@
 """Replaying a multi-agent trace to measure what prefix caching reuses and what it misses.
 
 A trace is JSON lines of ``{agent_id, prompt | messages | token_ids, tools?, tenant?,
-cache_salt?, session_id?, t?}``, read as a stream and replayed in file order. Each request is
-matched against every earlier request — its own agent's earlier turns included — as one vLLM
-engine with an unlimited prefix cache would reuse them, and then indexed itself. As in vLLM
-(and ``kvforge simulate``), blocks are shared unless ``cache_salt`` differs: a ``tenant`` field
-alone isolates nothing, and requests that carry one without a salt are counted and reported.
-Memory stays bounded on big traces: past ``max_blocks`` distinct blocks the oldest requests are
-forgotten first (an engine with that many blocks of cache).
+cache_salt?, session_id?, t?}``, read as a stream and replayed in file order. OpenAI request
+bodies logged one per line (``/v1/chat/completions`` or ``/v1/completions``: ``model``,
+``messages`` or ``prompt``, vLLM's ``add_generation_prompt`` / ``continue_final_message`` /
+``chat_template_kwargs``, any other fields ignored) are traces too: the agent is ``agent_id``,
+``agent`` or the body's ``user`` (else ``"default"``), the time ``t`` or ``timestamp``.
+
+Each request is matched against every earlier request — its own agent's earlier turns
+included — as one vLLM engine with an unlimited prefix cache would reuse them, and then
+indexed itself. As in vLLM (and ``kvforge simulate``), blocks are shared unless
+``cache_salt`` differs: a ``tenant`` field alone isolates nothing, and requests that carry one
+without a salt are counted and reported. Memory stays bounded on big traces: past
+``max_blocks`` distinct blocks the oldest requests are forgotten first (an engine with that
+many blocks of cache).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 
 from kvforge.errors import InvalidInputError
 from kvforge.match import MatchReport, SyncMatcher
+from kvforge.tokenize import ChatOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +41,7 @@ class TraceRequest:
     tenant: str | None = None
     cache_salt: str | None = None
     t: float | None = None
+    chat: ChatOptions | None = None  # render options of a chat request
 
 
 def read_trace(path: str | Path) -> list[TraceRequest]:
@@ -64,23 +72,36 @@ def iter_trace(path: str | Path) -> Iterator[TraceRequest]:
 def _request(obj: Any, where: str, line: int) -> TraceRequest:
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{where}: each line must be a JSON object")
-    agent = obj.get("agent_id")
+    agent = next((obj[k] for k in ("agent_id", "agent", "user") if k in obj), "default")
     if not isinstance(agent, str) or not agent:
-        raise InvalidInputError(f"{where}: 'agent_id' must be a non-empty string")
+        raise InvalidInputError(f"{where}: the agent ('agent_id') must be a non-empty string")
     kinds = [k for k in ("prompt", "messages", "token_ids") if k in obj]
     if len(kinds) != 1:
         raise InvalidInputError(f"{where}: give exactly one of 'prompt', 'messages', 'token_ids'")
-    t = obj.get("t")
-    if t is not None and not isinstance(t, int | float):
+    prompt = obj[kinds[0]]
+    if kinds[0] == "prompt" and isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a completions batch: its first prompt, as the proxy routes it
+    t = obj.get("t", obj.get("timestamp"))
+    if t is not None and (not isinstance(t, int | float) or isinstance(t, bool)):
         raise InvalidInputError(f"{where}: 't' must be a number")
+    try:
+        chat = ChatOptions.from_fields(
+            obj.get("add_generation_prompt"), obj.get("continue_final_message"),
+            obj.get("chat_template_kwargs"),
+        )  # fmt: skip
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{where}: {exc}") from None
+    if chat is not None and kinds[0] != "messages":
+        raise InvalidInputError(f"{where}: render options apply to 'messages' only")
     return TraceRequest(
         line=line,
         agent_id=agent,
-        prompt=obj[kinds[0]],
+        prompt=prompt,
         tools=obj.get("tools"),
         tenant=obj.get("tenant"),
         cache_salt=obj.get("cache_salt"),
         t=t,
+        chat=chat,
     )
 
 
@@ -317,7 +338,9 @@ def analyze(
     for n, req in enumerate(requests):
         if req.tenant is not None and req.cache_salt is None:
             out.tenant_without_salt += 1
-        tp, seq = matcher.prepare(req.prompt, cache_salt=req.cache_salt, tools=req.tools)
+        tp, seq = matcher.prepare(
+            req.prompt, cache_salt=req.cache_salt, tools=req.tools, chat=req.chat
+        )
         # one cache, as one vLLM engine has: only the salt (in the block hashes) separates
         report: MatchReport = matcher.match_blocks(tp, seq, cache_salt=req.cache_salt)
         tot = out.agents.setdefault(req.agent_id, AgentTotals())

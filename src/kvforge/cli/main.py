@@ -330,7 +330,7 @@ def simulate_cmd(
         tk = PromptTokenizer.resolve(tokenizer)
         reqs = []
         for r in read_trace(trace):
-            tp = tk.tokenize(r.prompt, tools=r.tools)
+            tp = tk.tokenize(r.prompt, tools=r.tools, chat=r.chat)
             reqs.append(SimRequest(r.agent_id, tp.token_ids, r.cache_salt, r.t))
         cfg = ClusterConfig(
             engines=engines,

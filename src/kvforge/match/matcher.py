@@ -36,7 +36,7 @@ from kvforge.match.report import (
     PrefixHash,
 )
 from kvforge.store import BackendUnavailableError
-from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
+from kvforge.tokenize import ChatOptions, Prompt, PromptTokenizer, TokenizedPrompt
 from kvforge.validate import require_utf8, text_size
 
 DEFAULT_TENANT = "default"
@@ -153,6 +153,7 @@ class SyncMatcher:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tenant: str | None = None,
+        chat: ChatOptions | None = None,
     ) -> TokenizedPrompt:
         """Token ids within the prompt limits. Repeated pieces (system prompt, tools, earlier
         turns) come from the tokenizer's piece cache, scoped to ``tenant``: one tenant's
@@ -173,7 +174,7 @@ class SyncMatcher:
                 raise InvalidInputError(
                     f"prompt has {len(prompt):,} tokens; the limit is {self.max_prompt_tokens:,}"
                 )
-        tp = self.tokenizer.tokenize(prompt, tools=tools, scope=_tenant_key(tenant))
+        tp = self.tokenizer.tokenize(prompt, tools=tools, scope=_tenant_key(tenant), chat=chat)
         if len(tp) > self.max_prompt_tokens:
             raise InvalidInputError(
                 f"prompt has {len(tp):,} tokens; the limit is {self.max_prompt_tokens:,}"
@@ -200,12 +201,13 @@ class SyncMatcher:
         lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tenant: str | None = None,
+        chat: ChatOptions | None = None,
     ) -> tuple[TokenizedPrompt, BlockSequence]:
         """Tokenize and cut a prompt (pure, lock-free): the input of ``match_blocks`` and
         ``index_blocks``, for callers that use one prompt twice."""
         salt = validate_cache_salt(cache_salt)
         lo = LoRA.coerce(lora)
-        tp = self.tokenize(prompt, tools=tools, tenant=tenant)
+        tp = self.tokenize(prompt, tools=tools, tenant=tenant, chat=chat)
         return tp, BlockSequence(self.hasher, tp.token_ids, cache_salt=salt, lora=lo)
 
     # ---- the API --------------------------------------------------------------------------
@@ -218,11 +220,15 @@ class SyncMatcher:
         cache_salt: str | None = None,
         lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat: ChatOptions | None = None,
     ) -> IndexResult:
-        """Make ``prompt`` the agent's indexed prompt (replacing its previous one)."""
+        """Make ``prompt`` the agent's indexed prompt (replacing its previous one). ``chat``:
+        how chat messages are rendered (vLLM's request options)."""
         _check_agent(agent_id)  # fail fast, before the tokenizer runs
         _tenant_key(tenant)
-        _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant)
+        _, seq = self.prepare(
+            prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant, chat=chat
+        )
         return self.index_blocks(agent_id, seq, tenant=tenant, cache_salt=cache_salt, lora=lora)
 
     def _check_quota(self, key: str, agent: str, blocks: int = 0) -> None:
@@ -294,13 +300,16 @@ class SyncMatcher:
         cache_salt: str | None = None,
         lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat: ChatOptions | None = None,
     ) -> MatchReport:
         """Which blocks of ``prompt`` are reusable exactly (prefix), only with recompute
         (moved), or not at all; and why the best owner's prefix broke."""
         if exclude_agent is not None:
             _check_agent(exclude_agent)
         key = _tenant_key(tenant)
-        tp, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant)
+        tp, seq = self.prepare(
+            prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant, chat=chat
+        )
         return self.match_blocks(
             tp, seq, exclude_agent=exclude_agent, tenant=tenant, _key=key, cache_salt=cache_salt
         )
@@ -469,9 +478,12 @@ class SyncMatcher:
         cache_salt: str | None = None,
         lora: LoRA | tuple[str, str] | dict[str, str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat: ChatOptions | None = None,
     ) -> PrefixHash:
         key = _tenant_key(tenant)
-        _, seq = self.prepare(prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant)
+        _, seq = self.prepare(
+            prompt, cache_salt=cache_salt, lora=lora, tools=tools, tenant=tenant, chat=chat
+        )
         with self.tenant_lock(key):
             n = self.index.lookup(key, seq).deepest_hash_block
         chain = seq.chain_prefix(max(n, 1))

@@ -32,7 +32,7 @@ import xxhash
 from kvforge.blocks import BlockHasher, LoRA, block_extra_keys, validate_cache_salt
 from kvforge.errors import InvalidInputError
 from kvforge.route.residency import ResidencyIndex, block_keys
-from kvforge.tokenize import Prompt, PromptTokenizer, TokenizedPrompt
+from kvforge.tokenize import ChatOptions, Prompt, PromptTokenizer, TokenizedPrompt
 
 
 @dataclass(frozen=True)
@@ -235,15 +235,19 @@ class Router:
         speculate: bool = True,
         now: float | None = None,
         dispatch: bool = True,
+        chat: ChatOptions | None = None,
     ) -> RouteDecision:
         """Pick an engine for ``prompt`` (text, chat messages, token ids or a tokenized prompt).
+        ``chat``: how chat messages are rendered (vLLM's request options).
         ``loads``: per engine, e.g. KV blocks in use or queued prefill blocks (0 if absent).
         ``lora``: the adapter name; each engine's registry supplies the path it hashes.
         ``dispatch=False`` is a dry run (advice only, nothing is sent): it neither speculates
         nor expects the chosen engine to publish events, so it cannot mark an engine stale."""
-        tp = prompt if isinstance(prompt, TokenizedPrompt) else self.tokenizer.tokenize(
-            prompt, tools=tools
-        )  # fmt: skip
+        tp = (
+            prompt
+            if isinstance(prompt, TokenizedPrompt)
+            else self.tokenizer.tokenize(prompt, tools=tools, chat=chat)
+        )
         return self.route_tokens(
             tp.token_ids, loads=loads, cache_salt=cache_salt, lora=lora, engines=engines,
             speculate=speculate, now=now, dispatch=dispatch,

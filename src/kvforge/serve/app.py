@@ -30,7 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -42,6 +42,7 @@ from kvforge.route import Router
 from kvforge.serve.bodies import BodyError, MatchStruct, RouteStruct, decode
 from kvforge.serve.proxy import add_proxy
 from kvforge.store import BackendUnavailableError
+from kvforge.tokenize import ChatOptions
 
 TENANT_HEADER = "X-Tenant"
 
@@ -60,6 +61,10 @@ class PromptBody(BaseModel):
     cache_salt: str | None = None
     lora_name: str | None = None
     lora_path: str | None = None
+    # vLLM's chat render options (chat messages only)
+    add_generation_prompt: StrictBool | None = None
+    continue_final_message: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> PromptBody:
@@ -75,6 +80,11 @@ class PromptBody(BaseModel):
 
     def lora_pair(self) -> tuple[str, str] | None:
         return (self.lora_name, self.lora_path) if self.lora_name and self.lora_path else None
+
+    def chat(self) -> ChatOptions | None:
+        return ChatOptions.from_fields(
+            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs
+        )
 
 
 class IndexBody(PromptBody):
@@ -412,6 +422,7 @@ def create_app(
         @app.get("/openapi.json", dependencies=deps, include_in_schema=False)
         def openapi_schema() -> JSONResponse:
             return JSONResponse(app.openapi())
+
     errors: dict[int | str, dict[str, Any]] = {
         400: {"description": "The body is not valid JSON."},
         401: {"description": "Missing or wrong bearer token (when the service has one)."},
@@ -431,7 +442,7 @@ def create_app(
     @app.post("/v1/index", dependencies=deps, responses=writes)
     def index(body: IndexBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
         r = m.index_prompt(body.agent_id, body.value(), tenant=t, cache_salt=body.cache_salt,
-                           lora=body.lora_pair(), tools=body.tools)  # fmt: skip
+                           lora=body.lora_pair(), tools=body.tools, chat=body.chat())  # fmt: skip
         return {"agent_id": r.agent_id, "num_tokens": r.num_tokens, "num_blocks": r.num_blocks,
                 "new_blocks": r.new_blocks, "shared_blocks": r.shared_blocks,
                 "block_hashes": list(r.block_hashes)}  # fmt: skip
@@ -452,7 +463,7 @@ def create_app(
     def _match(body: MatchStruct, t: str | None) -> Response:
         r = m.find_reusable_blocks(body.value(), exclude_agent=body.exclude_agent, tenant=t,
                                    cache_salt=body.cache_salt, lora=body.lora_pair(),
-                                   tools=body.tools)  # fmt: skip
+                                   tools=body.tools, chat=body.chat())  # fmt: skip
         if r.num_tokens:
             metrics.hit_ratio.observe(r.reusable_tokens / r.num_tokens)
         d = r.to_dict()
@@ -461,8 +472,10 @@ def create_app(
 
     @app.post("/v1/prefix-hash", dependencies=deps, responses=errors)
     def prefix_hash(body: PromptBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
-        p = m.get_shared_prefix_hash(body.value(), tenant=t, cache_salt=body.cache_salt,
-                                     lora=body.lora_pair(), tools=body.tools)  # fmt: skip
+        p = m.get_shared_prefix_hash(
+            body.value(), tenant=t, cache_salt=body.cache_salt, lora=body.lora_pair(),
+            tools=body.tools, chat=body.chat(),
+        )  # fmt: skip
         return {"num_blocks": p.num_blocks, "prefix_hash_hex": p.prefix_hash_hex,
                 "first_block_hash_hex": p.first_block_hash_hex,
                 "prefix_event_hash": p.prefix_event_hash}  # fmt: skip
@@ -504,7 +517,7 @@ def create_app(
         return await run_in_threadpool(_route, router, body, t)
 
     def _route(router: Router, body: RouteStruct, t: str | None) -> Response:
-        tp = m.tokenize(body.value(), tools=body.tools, tenant=t)
+        tp = m.tokenize(body.value(), tools=body.tools, tenant=t, chat=body.chat())
         # advice only (nothing is forwarded): no speculation, no event expected of the engine
         d = router.route(tp, loads=body.loads, cache_salt=body.cache_salt, lora=body.lora,
                          dispatch=False)  # fmt: skip

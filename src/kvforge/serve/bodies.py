@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import msgspec
 
 from kvforge.errors import InvalidInputError
+from kvforge.tokenize import ChatOptions
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -30,6 +31,9 @@ class PromptStruct(msgspec.Struct, forbid_unknown_fields=True):
     cache_salt: str | None = None
     lora_name: str | None = None
     lora_path: str | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def check(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.token_ids))
@@ -43,6 +47,11 @@ class PromptStruct(msgspec.Struct, forbid_unknown_fields=True):
 
     def lora_pair(self) -> tuple[str, str] | None:
         return (self.lora_name, self.lora_path) if self.lora_name and self.lora_path else None
+
+    def chat(self) -> ChatOptions | None:
+        return ChatOptions.from_fields(
+            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs
+        )
 
 
 class MatchStruct(PromptStruct, forbid_unknown_fields=True):

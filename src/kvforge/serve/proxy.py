@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kvforge.match import SyncMatcher
 from kvforge.route import RouteDecision, Router
-from kvforge.tokenize import TokenizedPrompt
+from kvforge.tokenize import ChatOptions, TokenizedPrompt
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 
@@ -107,7 +107,14 @@ def add_proxy(
             return JSONResponse({"detail": "'messages' must be a non-empty list"}, 422)
         # tokenizing and hashing are CPU work: keep them off the event loop; the matcher's
         # prompt limits apply here as on /v1/* (413)
-        tp = await run_in_threadpool(matcher.tokenize, messages, tools=body.get("tools"), tenant=t)
+        # rendered with the request's own options, as vLLM renders it
+        chat = ChatOptions.from_fields(
+            body.get("add_generation_prompt"), body.get("continue_final_message"),
+            body.get("chat_template_kwargs"),
+        )  # fmt: skip
+        tp = await run_in_threadpool(
+            matcher.tokenize, messages, tools=body.get("tools"), tenant=t, chat=chat
+        )
         d = await run_in_threadpool(decide, tp, body)
         return await forward("/v1/chat/completions", body, d)
 

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvforge.blocks import BlockHasher, BlockSequence
 from kvforge.sim.engine import SimEngine
-from kvforge.tokenize import PromptTokenizer
+from kvforge.tokenize import ChatOptions, PromptTokenizer
 
 REPLY = ["Sure", ",", " done", "."]
 
@@ -68,7 +68,11 @@ def standin_app(engine: SimEngine, hasher: BlockHasher, tokenizer: PromptTokeniz
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         body = await request.json()
-        tp = tokenizer.encode_chat(body["messages"], tools=body.get("tools"))
+        chat_opts = ChatOptions.from_fields(
+            body.get("add_generation_prompt"), body.get("continue_final_message"),
+            body.get("chat_template_kwargs"),
+        )  # fmt: skip
+        tp = tokenizer.encode_chat(body["messages"], tools=body.get("tools"), chat=chat_opts)
         cached = admit(tp.token_ids, body.get("cache_salt"))
         return answer(body, len(tp), cached, chat=True)
 

@@ -27,7 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from kvforge.errors import InvalidInputError
-from kvforge.tokenize.chat import ChatTemplate
+from kvforge.tokenize.chat import ChatOptions, ChatTemplate
 from kvforge.tokenize.fast import tiktoken_encoder
 from kvforge.tokenize.pieces import PieceEncoder
 from kvforge.validate import require_utf8, require_utf8_tree
@@ -182,10 +182,15 @@ class PromptTokenizer:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         scope: str = "",
+        chat: ChatOptions | None = None,
         **template_kwargs: Any,
     ) -> TokenizedPrompt:
+        """Render (with ``chat``'s options, then any extra template variables) and encode."""
         require_utf8_tree(messages, "messages")
         require_utf8_tree(tools, "tools")
+        if chat is not None:
+            require_utf8_tree(dict(chat.chat_template_kwargs), "chat_template_kwargs")
+            template_kwargs = {**chat.template_kwargs(), **template_kwargs}
         rendered = self.render_chat(messages, tools=tools, **template_kwargs)
         return self._encode(rendered, "chat", False, scope)
 
@@ -208,8 +213,18 @@ class PromptTokenizer:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         scope: str = "",
+        chat: ChatOptions | None = None,
     ) -> TokenizedPrompt:
-        """Dispatch on the prompt's shape: text, a list of chat messages, or token ids."""
+        """Dispatch on the prompt's shape: text, a list of chat messages, or token ids.
+        ``tools`` and ``chat`` (render options) apply to chat messages only."""
+        is_chat = (
+            isinstance(prompt, Sequence)
+            and not isinstance(prompt, str)
+            and bool(prompt)
+            and isinstance(prompt[0], Mapping)
+        )
+        if chat is not None and not is_chat:
+            raise InvalidInputError("render options apply to chat messages only")
         if isinstance(prompt, str):
             if tools:
                 raise InvalidInputError("tools apply to chat messages, not to plain text")
@@ -223,7 +238,8 @@ class PromptTokenizer:
                 return TokenizedPrompt((), "tokens")
             first = prompt[0]
             if isinstance(first, Mapping):
-                return self.encode_chat(prompt, tools=tools, scope=scope)  # type: ignore[arg-type]
+                msgs: Sequence[Mapping[str, Any]] = prompt  # type: ignore[assignment]
+                return self.encode_chat(msgs, tools=tools, scope=scope, chat=chat)
             if isinstance(first, int | np.integer) and not isinstance(first, bool):
                 return self.encode_ids(prompt)  # type: ignore[arg-type]
         raise InvalidInputError(
