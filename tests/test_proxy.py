@@ -3,16 +3,13 @@ engine stand-ins that speak the OpenAI API and publish real vLLM KV events over 
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import openai
 import pytest
-import uvicorn
 import zmq
+from conftest import serve
 
 from kvforge import PromptTokenizer, SyncMatcher
 from kvforge.blocks import BlockHasher
@@ -21,28 +18,6 @@ from kvforge.route import EngineConfig, Router
 from kvforge.serve import create_app
 from kvforge.sim import SimEngine
 from kvforge.sim.standin import standin_app
-
-
-@contextmanager
-def serve(app) -> Iterator[str]:
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then, and
-    # without it every response stalls ~40 ms on delayed ACKs
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

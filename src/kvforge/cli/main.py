@@ -295,6 +295,74 @@ def analyze_cmd(
         console.print(dt)
 
 
+@app.command("doctor")
+def doctor_cmd(
+    url: Annotated[str, typer.Argument(help="The engine's base URL (vLLM-compatible server).")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model name (default: the first served).")
+    ] = None,
+    events: Annotated[
+        str | None,
+        typer.Option(
+            "--events",
+            help="The engine's KV-event endpoint (tcp://host:port): also compare block hashes.",
+        ),
+    ] = None,
+    topic: Annotated[str, typer.Option("--topic", help="The engine's KV-event topic.")] = "",
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Also check your own requests (a trace).")
+    ] = None,
+    trace_limit: Annotated[
+        int, typer.Option("--trace-limit", min=1, help="Requests of the trace to check.")
+    ] = 20,
+    algo: AlgoOpt = "sha256",
+    block_size: BlockSizeOpt = 16,
+    hash_seed: HashSeedOpt = None,
+    tokenizer: TokenizerOpt = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="Variable holding the engine's API key, if any."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that kvforge tokenizes and hashes as a running engine does: token ids from its
+    /tokenize for text, chat, tools, render options (and your trace), block hashes from its KV
+    events. Exit 0 when all agree, 1 on any mismatch (each explained), 2 when the engine cannot
+    be asked."""
+    import os
+
+    from kvforge.analyze import iter_trace
+    from kvforge.doctor import Doctor, default_samples, trace_samples
+    from kvforge.tokenize import PromptTokenizer
+
+    try:
+        tk = PromptTokenizer.resolve(tokenizer)
+        samples = default_samples()
+        if trace is not None:
+            samples += trace_samples(iter_trace(trace), trace_limit)
+        key = os.environ.get(api_key_env) if api_key_env else None
+        doc = Doctor(url, tk, algo=algo, block_size=block_size, hash_seed=hash_seed,
+                     model=model, api_key=key)  # fmt: skip
+        try:
+            report = doc.run(samples, events=events, topic=topic)
+        finally:
+            doc.close()
+    except KvforgeError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), ensure_ascii=False) + "\n")
+    else:
+        console = Console()
+        console.print(f"engine {report.engine}, model {report.model}", highlight=False)
+        for c in report.checks:
+            mark = "[green]ok[/]  " if c.ok else "[bold red]FAIL[/]"
+            console.print(f"{mark} {c.name}: {c.detail}", highlight=False)
+        console.print("all checks agree" if report.ok else "kvforge and the engine disagree")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command("simulate")
 def simulate_cmd(
     trace: Annotated[

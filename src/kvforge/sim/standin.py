@@ -84,6 +84,22 @@ def standin_app(engine: SimEngine, hasher: BlockHasher, tokenizer: PromptTokeniz
         cached = admit(tp.token_ids, body.get("cache_salt"))
         return answer(body, len(tp), cached, chat=False)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        """vLLM's /tokenize: a completions body (``prompt``) or a chat one (``messages``, with
+        ``tools`` and the render options)."""
+        body = await request.json()
+        if "messages" in body:
+            opts = ChatOptions.from_fields(
+                body.get("add_generation_prompt"), body.get("continue_final_message"),
+                body.get("chat_template_kwargs"),
+            )  # fmt: skip
+            tp = tokenizer.encode_chat(body["messages"], tools=body.get("tools"), chat=opts)
+        else:
+            tp = tokenizer.tokenize(body["prompt"])
+        return {"count": len(tp), "max_model_len": 32768, "tokens": list(tp.token_ids),
+                "token_strs": None}  # fmt: skip
+
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": "standin", "object": "model"}]}
