@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import free_port, serve
 from typer.testing import CliRunner
 
-from conftest import free_port, serve
 from kvforge import PromptTokenizer
 from kvforge.blocks import BlockHasher
 from kvforge.cli.main import app
