@@ -178,9 +178,11 @@ def bench_workers(
                 )  # fmt: skip
                 cfg = os.path.join(tmp, f"w{n_workers}.toml")
                 with open(cfg, "w") as fh:
-                    fh.write(f'[service]\nworkers = {n_workers}\n'
-                             f'index_url = "{redis_url}?prefix=bench{n_workers}"\n'
-                             f"[router]\nspeculative_ttl = 0.0\n{engines}")  # fmt: skip
+                    fh.write(
+                        f"[service]\nworkers = {n_workers}\n"
+                        f'index_url = "{redis_url}?prefix=bench{n_workers}"\n'
+                        f"[router]\nspeculative_ttl = 0.0\nexpose_decisions = true\n{engines}"
+                    )
                 with socket.socket() as sk:
                     sk.bind(("127.0.0.1", 0))
                     port = sk.getsockname()[1]

@@ -74,3 +74,20 @@ def test_missing_file() -> None:
 def test_the_shipped_example_loads() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "kvforge.toml", env={})
     assert cfg.service.port == 8000 and cfg.engines == []
+
+
+def test_router_privacy_switches(tmp_path: Path) -> None:
+    from kvforge.serve.factory import build_app
+
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('[router]\nexpose_decisions = true\ntenant_salt_env = "KVF_TEST_SALT"\n')
+    c = load_config(cfg, env={})
+    assert c.router.expose_decisions is True and c.router.tenant_salt_env == "KVF_TEST_SALT"
+    off = load_config(None, env={"KVFORGE_ROUTER_EXPOSE_DECISIONS": "false"})
+    assert off.router.expose_decisions is False
+    assert load_config(None, env={}).router.expose_decisions is False  # private by default
+    with pytest.raises(InvalidInputError, match="true or false"):
+        load_config(None, env={"KVFORGE_ROUTER_EXPOSE_DECISIONS": "maybe"})
+    # a configured secret that is missing stops the service before it serves anything
+    with pytest.raises(InvalidInputError, match="KVF_TEST_SALT"):
+        build_app(c)

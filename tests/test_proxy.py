@@ -38,7 +38,9 @@ def cluster() -> Iterator[tuple[openai.OpenAI, Router, list[SimEngine]]]:
             EngineConfig("e1", url=u1, events=pubs[1].endpoint, replay=pubs[1].replay_endpoint,
                          topic="kv@e1@m"),
         ])  # fmt: skip
-        with serve(create_app(SyncMatcher(tokenizer=tk), router=router)) as proxy:
+        with serve(
+            create_app(SyncMatcher(tokenizer=tk), router=router, expose_decisions=True)
+        ) as proxy:
             yield openai.OpenAI(base_url=proxy + "/v1", api_key="unused"), router, engines
     for p in pubs:
         p.close()
@@ -108,3 +110,57 @@ def test_render_options_are_rendered_as_the_engine_renders_them(cluster) -> None
         client.chat.completions.create(
             model="standin", messages=msgs, extra_body={"continue_final_message": True}
         )
+
+
+def test_decisions_are_private_by_default() -> None:
+    """Without the operator's say-so, neither /v1/route nor the proxy tells a caller how many
+    blocks of a prompt some engine holds (an oracle on other tenants' prompts)."""
+    from fastapi.testclient import TestClient
+
+    from kvforge.blocks import chain_keys
+
+    router = Router([EngineConfig("e0"), EngineConfig("e1")], speculative_ttl=0)
+    ids = list(range(1000, 1064))
+    router.residency.store("e1", chain_keys(BlockHasher().chain(ids)).tolist())
+    c = TestClient(create_app(SyncMatcher(), router=router))
+    d = c.post("/v1/route", json={"token_ids": ids}).json()
+    assert d == {"engine": "e1", "num_blocks": 4}
+
+
+def test_tenants_get_their_own_salt_end_to_end() -> None:
+    """With a tenant-salt secret, the proxy salts each tenant's requests: the engine caches a
+    prompt for the tenant that sent it and for nobody else, and the router agrees."""
+    from kvforge.route.tenancy import TenantSalt
+
+    ctx = zmq.Context()
+    tk = PromptTokenizer.qwen3()
+    pub = EventPublisher("tcp://127.0.0.1:*", topic="kv", context=ctx)
+    salts = TenantSalt(b"0123456789abcdef-secret")
+    try:
+        with serve(standin_app(SimEngine("e0", 4096, publisher=pub), BlockHasher(), tk)) as u0:
+            router = Router(
+                [EngineConfig("e0", url=u0, events=pub.endpoint, topic="kv")], speculative_ttl=0
+            )
+            app_ = create_app(SyncMatcher(tokenizer=tk), router=router, expose_decisions=True,
+                              tenant_salt=salts)  # fmt: skip
+            with serve(app_) as proxy:
+                client = openai.OpenAI(base_url=proxy + "/v1", api_key="unused")
+                msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Go."}]
+
+                def ask(tenant: str) -> tuple[int, int]:
+                    raw = client.chat.completions.with_raw_response.create(
+                        model="standin", messages=msgs, extra_headers={"X-Tenant": tenant}
+                    )
+                    cached = raw.parse().usage.prompt_tokens_details.cached_tokens
+                    return cached, int(raw.headers["x-kvforge-cached-blocks"])
+
+                assert ask("acme") == (0, 0)
+                deadline = time.monotonic() + 10  # acme's blocks reach the router as events
+                while not router.residency.engine("e0").blocks() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                acme = ask("acme")
+                assert acme[0] > 0 and acme[0] == acme[1] * 16  # engine and router agree
+                assert ask("globex") == (0, 0)  # the same prompt, another tenant: nothing
+    finally:
+        pub.close()
+        ctx.term()

@@ -39,7 +39,7 @@ def test_two_processes_see_each_others_indexing_clearing_and_kv_events(
     with EventPublisher("tcp://127.0.0.1:*") as pub:
         # only process A subscribes to the engine's events; B learns them through Redis
         a_cfg, b_cfg = tmp_path / "a.toml", tmp_path / "b.toml"
-        service = f'[service]\nindex_url = "{index_url}"\n'
+        service = f'[service]\nindex_url = "{index_url}"\n[router]\nexpose_decisions = true\n'
         a_cfg.write_text(service + f'[[engines]]\nname = "e0"\nevents = "{pub.endpoint}"\n'
                          '[[engines]]\nname = "e1"\n')  # fmt: skip
         b_cfg.write_text(service + '[[engines]]\nname = "e0"\n[[engines]]\nname = "e1"\n')

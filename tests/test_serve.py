@@ -107,7 +107,7 @@ def test_bearer_auth() -> None:
 def test_metrics_and_route() -> None:
     router = Router([EngineConfig("e0"), EngineConfig("e1")], speculative_ttl=0)
     router.residency.store("e1", chain_keys(BlockHasher().chain(SYSTEM)).tolist())
-    c = TestClient(create_app(SyncMatcher(), router=router))
+    c = TestClient(create_app(SyncMatcher(), router=router, expose_decisions=True))
     d = c.post("/v1/route", json={"token_ids": SYSTEM + [7] * 16}).json()
     assert d["engine"] == "e1" and d["cached_blocks"] == 4
     c.post("/v1/match", json={"token_ids": SYSTEM})

@@ -33,7 +33,7 @@ def test_two_workers_share_index_and_events(redis_server: RedisServer, tmp_path:
     cfg = tmp_path / "kvforge.toml"
     cfg.write_text(
         f'[service]\nworkers = 2\nindex_url = "{redis_index_url(redis_server.url)}"\n'
-        f"[router]\nspeculative_ttl = 0.0\n"
+        f"[router]\nspeculative_ttl = 0.0\nexpose_decisions = true\n"
         f'[[engines]]\nname = "e0"\nevents = "{pub.endpoint}"\ntopic = "kv"\n'
         f'[[engines]]\nname = "e1"\n'
     )

@@ -24,6 +24,8 @@ engines come from the file only. Every error names the field::
     [router]
     load_weight = 0.1
     speculative_ttl = 2.0
+    # expose_decisions = true            # cached blocks in /v1/route and the proxy's headers
+    # tenant_salt_env = "KVFORGE_TENANT_SALT"   # a per-tenant cache_salt on every request
 
     [[engines]]
     name = "a"
@@ -84,6 +86,13 @@ class RouterSection:
     balance_abs: float = 256.0
     speculative_ttl: float = 2.0
     stale_after: float | None = 30.0  # seconds without events after new blocks were routed
+    # Decision details (/v1/route's cached blocks, scores and reason; the proxy's
+    # x-kvforge-cached-blocks / -prompt-blocks headers) tell a caller whether some prompt is
+    # cached: off unless the operator turns them on.
+    expose_decisions: bool = False
+    # Name of the variable holding a secret: when set, every routed or proxied request of a
+    # tenant gets a cache_salt derived from it and the tenant (tenants never share KV blocks).
+    tenant_salt_env: str | None = None
 
 
 @dataclass
@@ -97,12 +106,21 @@ class Config:
 _SECTIONS = {"matcher": MatcherSection, "service": ServiceSection, "router": RouterSection}
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
 def _coerce(where: str, value: Any, annotation: str) -> Any:
-    kind = (
-        int if "int" in annotation else float if "float" in annotation else str
-    )  # every field is int, float or str (optionally None)
     if value is None and "None" in annotation:
         return None
+    if "bool" in annotation:  # TOML booleans, or their spelling in an environment variable
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise InvalidInputError(f"config: {where} must be true or false (got {value!r})")
+    kind = (
+        int if "int" in annotation else float if "float" in annotation else str
+    )  # every other field is int, float or str (optionally None)
     try:
         if kind is int and isinstance(value, bool | float):
             raise ValueError

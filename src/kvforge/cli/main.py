@@ -481,6 +481,7 @@ def serve_cmd(
     import uvicorn
 
     from kvforge.config import load_config
+    from kvforge.route.tenancy import TenantSalt
     from kvforge.serve.factory import SERVE_ARGS_ENV, api_token, build_app, serve_args
 
     overrides: dict[str, dict[str, Any]] = {
@@ -495,8 +496,10 @@ def serve_cmd(
         sc = cfg.service
         if sc.workers == 1:
             app_ = build_app(cfg, announce=note)
-        else:
-            api_token(cfg)  # refuse a missing token here, not in every worker
+        else:  # refuse a missing secret here, not in every worker
+            api_token(cfg)
+            if cfg.router.tenant_salt_env:
+                TenantSalt.from_env(cfg.router.tenant_salt_env)
     except KvforgeError as exc:
         _fail(str(exc))
         return

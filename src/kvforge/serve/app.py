@@ -39,6 +39,7 @@ from kvforge.events.subscriber import EventSubscriber
 from kvforge.match import SyncMatcher
 from kvforge.persist import Snapshotter
 from kvforge.route import Router
+from kvforge.route.tenancy import TenantSalt
 from kvforge.serve.bodies import BodyError, MatchStruct, RouteStruct, decode
 from kvforge.serve.proxy import add_proxy
 from kvforge.store import BackendUnavailableError
@@ -312,10 +313,15 @@ def create_app(
     max_body_bytes: int = 8 * 1024 * 1024,
     subscribe: bool = True,
     snapshotter: Snapshotter | None = None,
+    expose_decisions: bool = False,
+    tenant_salt: TenantSalt | None = None,
 ) -> FastAPI:
     """The service. With a ``router`` whose engines have URLs it also proxies the OpenAI API;
     with ``subscribe`` it starts a KV-event subscriber per engine that has an ``events``
-    endpoint (and stops them on shutdown)."""
+    endpoint (and stops them on shutdown). ``expose_decisions``: /v1/route answers with the
+    cached blocks, scores and reason, and the proxy sends them in headers (they tell any
+    caller whether a prompt is cached somewhere). ``tenant_salt``: each tenant's routed and
+    proxied requests get their own cache_salt."""
     m = matcher if matcher is not None else SyncMatcher()
     metrics = _Metrics()
     metrics.registry.register(_BackendCollector(m, router))
@@ -518,15 +524,19 @@ def create_app(
 
     def _route(router: Router, body: RouteStruct, t: str | None) -> Response:
         tp = m.tokenize(body.value(), tools=body.tools, tenant=t, chat=body.chat())
+        salt = body.cache_salt if tenant_salt is None else tenant_salt.salt(t, body.cache_salt)
         # advice only (nothing is forwarded): no speculation, no event expected of the engine
-        d = router.route(tp, loads=body.loads, cache_salt=body.cache_salt, lora=body.lora,
-                         dispatch=False)  # fmt: skip
-        out = {"engine": d.engine, "cached_blocks": d.cached_blocks, "num_blocks": d.num_blocks,
-               "scores": d.scores, "reason": d.reason}  # fmt: skip
+        d = router.route(tp, loads=body.loads, cache_salt=salt, lora=body.lora, dispatch=False)
+        out: dict[str, Any] = {"engine": d.engine, "num_blocks": d.num_blocks}
+        if expose_decisions:
+            out.update(cached_blocks=d.cached_blocks, scores=d.scores, reason=d.reason)
         return Response(_json.encode(out), media_type="application/json")
 
     if router is not None and any(e.url for e in router.engines.values()):
-        resources["client"] = add_proxy(app, m, router, deps, tenant)
+        resources["client"] = add_proxy(
+            app, m, router, deps, tenant, expose_decisions=expose_decisions,
+            tenant_salt=tenant_salt,
+        )  # fmt: skip
 
     @app.get("/metrics", dependencies=deps, responses=errors, response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from kvforge.config import Config, load_config
 from kvforge.errors import InvalidInputError
+from kvforge.route.tenancy import TenantSalt
 
 # how the command line passes its arguments to uvicorn's worker processes
 SERVE_ARGS_ENV = "KVFORGE_SERVE_ARGS"
@@ -71,6 +72,8 @@ def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
         api_token=token,
         max_body_bytes=sc.max_body_bytes,
         snapshotter=snapshotter,
+        expose_decisions=rc.expose_decisions,
+        tenant_salt=TenantSalt.from_env(rc.tenant_salt_env) if rc.tenant_salt_env else None,
     )
 
 

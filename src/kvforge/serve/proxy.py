@@ -1,10 +1,12 @@
 """OpenAI-compatible routing proxy: ``/v1/chat/completions`` and ``/v1/completions``.
 
 Each request is rendered and tokenized exactly as vLLM does it, routed to the engine that holds
-the longest prefix (from the engines' KV events), and forwarded unchanged with httpx, streamed
-(SSE) or not. The decision travels back in response headers: ``x-kvforge-engine``,
-``x-kvforge-cached-blocks`` and ``x-kvforge-prompt-blocks``. The router's load signal is the
-number of prompt blocks in flight on each engine through this proxy.
+the longest prefix (from the engines' KV events), and forwarded with httpx, streamed (SSE) or
+not — unchanged, but for the tenant's ``cache_salt`` when tenant salting is on. The chosen
+engine comes back in ``x-kvforge-engine``; ``x-kvforge-cached-blocks`` and
+``x-kvforge-prompt-blocks`` only when the operator exposes decisions (they tell a caller
+whether a prompt is cached). The router's load signal is the number of prompt blocks in flight
+on each engine through this proxy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kvforge.match import SyncMatcher
 from kvforge.route import RouteDecision, Router
+from kvforge.route.tenancy import TenantSalt
 from kvforge.tokenize import ChatOptions, TokenizedPrompt
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
@@ -40,10 +43,18 @@ class _InFlight:
 
 
 def add_proxy(
-    app: FastAPI, matcher: SyncMatcher, router: Router, deps: list[Any], tenant: Any
+    app: FastAPI,
+    matcher: SyncMatcher,
+    router: Router,
+    deps: list[Any],
+    tenant: Any,
+    *,
+    expose_decisions: bool = False,
+    tenant_salt: TenantSalt | None = None,
 ) -> httpx.AsyncClient:
     """Add the two endpoints; returns the upstream client (the app closes it on shutdown).
-    ``tenant`` is the service's ``X-Tenant`` dependency (it scopes the tokenizer's cache)."""
+    ``tenant`` is the service's ``X-Tenant`` dependency (it scopes the tokenizer's cache and,
+    with ``tenant_salt``, the salt every forwarded request carries)."""
     engines = {n: e for n, e in router.engines.items() if e.url}
     inflight = _InFlight()
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
@@ -56,11 +67,10 @@ def add_proxy(
 
     async def forward(path: str, body: dict[str, Any], d: RouteDecision) -> Response:
         url = engines[d.engine].url.rstrip("/") + path  # type: ignore[union-attr]
-        headers = {
-            "x-kvforge-engine": d.engine,
-            "x-kvforge-cached-blocks": str(d.cached_blocks),
-            "x-kvforge-prompt-blocks": str(d.num_blocks),
-        }
+        headers = {"x-kvforge-engine": d.engine}
+        if expose_decisions:
+            headers["x-kvforge-cached-blocks"] = str(d.cached_blocks)
+            headers["x-kvforge-prompt-blocks"] = str(d.num_blocks)
         inflight.add(d.engine, d.num_blocks)
         try:
             req = client.build_request("POST", url, json=body)
@@ -90,18 +100,23 @@ def add_proxy(
         return Response(content, status_code=upstream.status_code,
                         headers={**passthrough, **headers})  # fmt: skip
 
-    async def read_json(request: Request) -> dict[str, Any]:
+    async def read_json(request: Request, t: str | None) -> dict[str, Any]:
         try:
             body = await request.json()
         except ValueError as exc:
             raise HTTPException(422, "body must be a JSON object") from exc
         if not isinstance(body, dict):
             raise HTTPException(422, "body must be a JSON object")
+        if tenant_salt is not None:  # the engine hashes what the router looked up
+            given = body.get("cache_salt")
+            if given is not None and not isinstance(given, str):
+                raise HTTPException(422, "cache_salt must be a string")
+            body["cache_salt"] = tenant_salt.salt(t, given)
         return body
 
     @app.post("/v1/chat/completions", dependencies=deps)
     async def chat(request: Request, t: str | None = Depends(tenant)) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, t)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return JSONResponse({"detail": "'messages' must be a non-empty list"}, 422)
@@ -120,7 +135,7 @@ def add_proxy(
 
     @app.post("/v1/completions", dependencies=deps)
     async def completions(request: Request, t: str | None = Depends(tenant)) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, t)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0]  # a batch: route by its first prompt
