@@ -24,8 +24,14 @@ def require_utf8(value: str, what: str) -> str:
     return value
 
 
+MAX_NESTING = 64
+
+
 def require_utf8_tree(obj: Any, what: str, _depth: int = 0) -> None:
-    """Every string (keys included) inside nested dicts and lists encodes as UTF-8."""
+    """Every string (keys included) inside nested dicts and lists encodes as UTF-8; deeper
+    than ``MAX_NESTING`` levels is refused (nothing a prompt needs, and unchecked otherwise)."""
+    if _depth > MAX_NESTING:
+        raise InvalidInputError(f"{what} is nested more than {MAX_NESTING} levels deep")
     if isinstance(obj, str):
         require_utf8(obj, what)
     elif isinstance(obj, dict):
@@ -33,7 +39,7 @@ def require_utf8_tree(obj: Any, what: str, _depth: int = 0) -> None:
             if isinstance(k, str):
                 require_utf8(k, what)
             require_utf8_tree(v, what, _depth + 1)
-    elif isinstance(obj, list | tuple) and _depth < 64:
+    elif isinstance(obj, list | tuple):
         for v in obj:
             require_utf8_tree(v, what, _depth + 1)
 

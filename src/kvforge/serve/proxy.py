@@ -24,6 +24,7 @@ from kvforge.match import SyncMatcher
 from kvforge.route import RouteDecision, Router
 from kvforge.route.tenancy import TenantSalt
 from kvforge.tokenize import ChatOptions, TokenizedPrompt
+from kvforge.validate import require_utf8_tree
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 
@@ -107,6 +108,9 @@ def add_proxy(
             raise HTTPException(422, "body must be a JSON object") from exc
         if not isinstance(body, dict):
             raise HTTPException(422, "body must be a JSON object")
+        # forwarded as UTF-8 JSON: a lone surrogate anywhere (an escape JSON allows) is refused
+        # here, not met as an encoding error on the way out
+        require_utf8_tree(body, "the body")
         if tenant_salt is not None:  # the engine hashes what the router looked up
             given = body.get("cache_salt")
             if given is not None and not isinstance(given, str):
