@@ -309,3 +309,51 @@ def test_openai_request_body_logs_are_traces(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "analyze", str(bad)],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2 and "bad.jsonl:1" in out.stderr and "cannot both" in out.stderr
+
+
+def test_mooncake_export_shares_exactly_what_vllm_shares(tmp_path: Path) -> None:
+    """hash_ids agree with the token lists: two requests share their first k ids exactly when
+    their first k blocks (the last one possibly partial) hold identical tokens and the same
+    salt; ids are numbered in order of first appearance."""
+    tk = PromptTokenizer.qwen3()
+    rng = np.random.default_rng(9)
+    base = _ids(rng, 300)
+    lines = [
+        {"agent_id": "a", "token_ids": base, "t": 10.0, "max_tokens": 7},
+        {"agent_id": "b", "token_ids": base[:200] + _ids(rng, 50), "t": 10.25},
+        {"agent_id": "c", "token_ids": base, "cache_salt": "s1", "t": 11},
+        {"agent_id": "d", "token_ids": base},
+    ]
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "deep" / "mooncake.jsonl"
+    cmd = [sys.executable, "-m", "kvforge.cli.main", "export-trace", str(trace),
+           "--block-size", "64", "-o", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["timestamp"] for x in recs] == [0, 250, 1000, 0]
+    assert [x["output_length"] for x in recs] == [7, 1, 1, 1]
+    assert [x["input_length"] for x in recs] == [300, 250, 300, 300]
+    seen: list[int] = []
+    for x in recs:
+        assert len(x["hash_ids"]) == -(-x["input_length"] // 64)
+        seen += [i for i in x["hash_ids"] if i not in seen]
+    assert seen == list(range(len(seen)))  # consecutive, in order of first appearance
+
+    def shared(i: int, j: int) -> int:
+        a, b = recs[i]["hash_ids"], recs[j]["hash_ids"]
+        return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                    min(len(a), len(b)))  # fmt: skip
+
+    toks = [list(tk.tokenize(x["token_ids"]).token_ids) for x in lines]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            same_salt = lines[i].get("cache_salt") == lines[j].get("cache_salt")
+            k = 0
+            while same_salt and k * 64 < min(len(toks[i]), len(toks[j])):
+                if toks[i][k * 64 : (k + 1) * 64] != toks[j][k * 64 : (k + 1) * 64]:
+                    break
+                k += 1
+            assert shared(i, j) == k, (i, j)
+    assert recs[0]["hash_ids"] == recs[3]["hash_ids"]  # the partial last block too

@@ -42,6 +42,7 @@ class TraceRequest:
     cache_salt: str | None = None
     t: float | None = None
     chat: ChatOptions | None = None  # render options of a chat request
+    output_length: int | None = None  # tokens generated (output_length / max_tokens), if known
 
 
 def read_trace(path: str | Path) -> list[TraceRequest]:
@@ -93,6 +94,12 @@ def _request(obj: Any, where: str, line: int) -> TraceRequest:
         raise InvalidInputError(f"{where}: {exc}") from None
     if chat is not None and kinds[0] != "messages":
         raise InvalidInputError(f"{where}: render options apply to 'messages' only")
+    out = next(
+        (obj[k] for k in ("output_length", "max_tokens", "max_completion_tokens") if k in obj),
+        None,
+    )
+    if out is not None and (not isinstance(out, int) or isinstance(out, bool) or out < 0):
+        raise InvalidInputError(f"{where}: 'output_length' must be a non-negative integer")
     return TraceRequest(
         line=line,
         agent_id=agent,
@@ -102,6 +109,7 @@ def _request(obj: Any, where: str, line: int) -> TraceRequest:
         cache_salt=obj.get("cache_salt"),
         t=t,
         chat=chat,
+        output_length=out,
     )
 
 

@@ -295,6 +295,51 @@ def analyze_cmd(
         console.print(dt)
 
 
+@app.command("export-trace")
+def export_trace_cmd(
+    trace: Annotated[Path, typer.Argument(help="JSONL trace, or a folder of prompt files.")],
+    fmt: Annotated[str, typer.Option("--format", help="Output format: mooncake.")] = "mooncake",
+    block_size: Annotated[
+        int, typer.Option("--block-size", min=1, help="Tokens per hash id (Mooncake: 512).")
+    ] = 512,
+    output_length: Annotated[
+        int,
+        typer.Option(
+            "--output-length",
+            min=0,
+            help="Output tokens of requests that do not say (output_length/max_tokens).",
+        ),
+    ] = 1,
+    out: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")
+    ] = None,
+    tokenizer: TokenizerOpt = None,
+) -> None:
+    """Write a trace in another tool's format: Mooncake (timestamp, input/output length and
+    per-block hash ids whose equality is vLLM's prefix sharing), read by Dynamo's data
+    generator and aiperf's trace replay."""
+    from kvforge.analyze import iter_trace
+    from kvforge.analyze.export import mooncake_lines, write_mooncake
+    from kvforge.tokenize import PromptTokenizer
+
+    if fmt != "mooncake":
+        _fail(f"unknown format {fmt!r}; supported: mooncake")
+    try:
+        lines = mooncake_lines(iter_trace(trace), PromptTokenizer.resolve(tokenizer),
+                               block_size=block_size, output_length=output_length)  # fmt: skip
+        if out is None:
+            write_mooncake(lines, sys.stdout)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("w", encoding="utf-8") as fh:
+                n = write_mooncake(lines, fh)
+            Console(stderr=True).print(f"wrote {n} requests to {out}")
+    except KvforgeError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror or exc}")
+
+
 @app.command("doctor")
 def doctor_cmd(
     url: Annotated[str, typer.Argument(help="The engine's base URL (vLLM-compatible server).")],
