@@ -3,6 +3,7 @@ engine stand-ins that speak the OpenAI API and publish real vLLM KV events over 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -164,3 +165,63 @@ def test_tenants_get_their_own_salt_end_to_end() -> None:
     finally:
         pub.close()
         ctx.term()
+
+
+def test_recording_proxied_requests_as_a_trace(tmp_path) -> None:
+    """serve --record: each proxied request becomes a trace line that analyze replays to the
+    same prompt the engine saw; redaction keeps token ids only; the file rotates, bounded."""
+    from kvforge.analyze import analyze, read_trace
+    from kvforge.route.tenancy import TenantSalt
+    from kvforge.serve.record import Recorder
+
+    tk = PromptTokenizer.qwen3()
+    pub = EventPublisher("tcp://127.0.0.1:*", topic="kv")
+    plain, redacted = Recorder(tmp_path / "rec.jsonl"), Recorder(tmp_path / "red.jsonl",
+                                                                 redact=True)  # fmt: skip
+    seen_tokens = []
+    try:
+        with serve(standin_app(SimEngine("e0", 4096, publisher=pub), BlockHasher(), tk)) as u0:
+            for rec, salts in ((plain, TenantSalt(b"secret-secret-secret")), (redacted, None)):
+                router = Router([EngineConfig("e0", url=u0)], speculative_ttl=0)
+                app_ = create_app(SyncMatcher(tokenizer=tk), router=router, recorder=rec,
+                                  tenant_salt=salts)  # fmt: skip
+                with serve(app_) as proxy:
+                    client = openai.OpenAI(base_url=proxy + "/v1", api_key="unused")
+                    msgs = [{"role": "system", "content": SYSTEM},
+                            {"role": "user", "content": "Plan."}]  # fmt: skip
+                    r = client.chat.completions.create(
+                        model="standin", messages=msgs, user="planner", max_tokens=9,
+                        extra_headers={"X-Tenant": "acme"},
+                        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+                    )  # fmt: skip
+                    seen_tokens.append(r.usage.prompt_tokens)
+                    client.completions.create(model="standin", prompt="Summarize. " * 30)
+    finally:
+        pub.close()
+    plain.flush()
+    redacted.flush()
+    lines = [json.loads(x) for x in (tmp_path / "rec.jsonl").read_text().splitlines()]
+    assert [x["agent_id"] for x in lines] == ["planner", "default"]
+    first = lines[0]
+    assert first["tenant"] == "acme" and first["engine"] == "e0" and first["max_tokens"] == 9
+    assert first["cache_salt"] == "tenant:acme"  # the derived salt itself is never written
+    assert first["chat_template_kwargs"] == {"enable_thinking": False}
+    # analyze replays the recording to the prompt the engine rendered
+    res = analyze(read_trace(tmp_path / "rec.jsonl"), SyncMatcher(tokenizer=tk))
+    assert res.agents["planner"].prompt_tokens == seen_tokens[0]
+    red = [json.loads(x) for x in (tmp_path / "red.jsonl").read_text().splitlines()]
+    assert "messages" not in red[0] and "prompt" not in red[1]
+    assert len(red[0]["token_ids"]) == seen_tokens[1]
+    plain.close()
+    redacted.close()
+    # bounded: past max_bytes the file rotates; `keep` old files, no more
+    small = Recorder(tmp_path / "rot.jsonl", max_bytes=2_000, keep=2)
+    for i in range(200):
+        small.record({"prompt": f"request {i} " * 10}, (), tenant=None, engine="e0", salt=None)
+    small.flush()
+    small.close()
+    files = sorted(p.name for p in tmp_path.glob("rot.jsonl*"))
+    assert files == ["rot.jsonl", "rot.jsonl.1", "rot.jsonl.2"] and small.rotations > 2
+    assert small.written == 200 and all(p.stat().st_size < 2_500 for p in tmp_path.glob("rot*"))
+    last = json.loads((tmp_path / "rot.jsonl").read_text().splitlines()[-1])
+    assert last["prompt"].startswith("request 199")

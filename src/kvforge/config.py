@@ -20,6 +20,8 @@ engines come from the file only. Every error names the field::
     # snapshot_path = "/var/lib/kvforge/index.snapshot"   # restored on start
     snapshot_interval = 30.0
     # workers = 4               # processes; > 1 needs a redis:// index_url
+    # record_path = "/var/log/kvforge/requests.jsonl"   # trace of every proxied request
+    # record_redact = true      # token ids, not text
 
     [router]
     load_weight = 0.1
@@ -76,6 +78,12 @@ class ServiceSection:
     snapshot_interval: float = 30.0
     # worker processes (each answers requests, all share index_url, which must then be Redis)
     workers: int = 1
+    # every proxied request as a trace line (rotated past record_max_bytes, record_keep old
+    # files kept; record_redact: token ids instead of text); with workers, one file each
+    record_path: str | None = None
+    record_max_bytes: int = 64 * 1024 * 1024
+    record_keep: int = 3
+    record_redact: bool = False
 
 
 @dataclass

@@ -516,6 +516,10 @@ def serve_cmd(
             "--workers", min=1, help="Worker processes (> 1 needs a redis:// --index-url)."
         ),
     ] = None,
+    record: Annotated[
+        str | None,
+        typer.Option("--record", help="Write every proxied request to this trace file."),
+    ] = None,
 ) -> None:
     """Run the HTTP service: index / match / clear / stats / prefix hash, routing and the
     OpenAI-compatible proxy for the engines of the config file, metrics, health.
@@ -531,7 +535,7 @@ def serve_cmd(
 
     overrides: dict[str, dict[str, Any]] = {
         "service": {"host": host, "port": port, "api_token_env": api_token_env,
-                    "index_url": index_url, "workers": workers},
+                    "index_url": index_url, "workers": workers, "record_path": record},
         "matcher": {"block_size": block_size, "hash_algo": algo, "hash_seed": hash_seed,
                     "tokenizer": tokenizer},
     }  # fmt: skip

@@ -42,6 +42,7 @@ from kvforge.route import Router
 from kvforge.route.tenancy import TenantSalt
 from kvforge.serve.bodies import BodyError, MatchStruct, RouteStruct, decode
 from kvforge.serve.proxy import add_proxy
+from kvforge.serve.record import Recorder
 from kvforge.store import BackendUnavailableError
 from kvforge.tokenize import ChatOptions
 
@@ -206,6 +207,23 @@ class _SnapshotCollector(Collector):
         yield from (saves, failed)
 
 
+class _RecorderCollector(Collector):
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.recorder
+        for name, help_, value in (
+            ("kvforge_record_lines", "Proxied requests written to the recording", r.written),
+            ("kvforge_record_dropped", "Lines dropped (the writer fell behind)", r.dropped),
+            ("kvforge_record_rotations", "Recording files rotated", r.rotations),
+            ("kvforge_record_failures", "Recording writes that failed", r.failures),
+        ):
+            c = CounterMetricFamily(name, help_)
+            c.add_metric([], float(value))
+            yield c
+
+
 class _AgentIdConvertor(Convertor[str]):
     """The rest of the path, any characters (Starlette's ``path`` stops at a newline)."""
 
@@ -315,13 +333,15 @@ def create_app(
     snapshotter: Snapshotter | None = None,
     expose_decisions: bool = False,
     tenant_salt: TenantSalt | None = None,
+    recorder: Recorder | None = None,
 ) -> FastAPI:
     """The service. With a ``router`` whose engines have URLs it also proxies the OpenAI API;
     with ``subscribe`` it starts a KV-event subscriber per engine that has an ``events``
     endpoint (and stops them on shutdown). ``expose_decisions``: /v1/route answers with the
     cached blocks, scores and reason, and the proxy sends them in headers (they tell any
     caller whether a prompt is cached somewhere). ``tenant_salt``: each tenant's routed and
-    proxied requests get their own cache_salt."""
+    proxied requests get their own cache_salt. ``recorder``: every proxied request is written
+    as a trace line (closed on shutdown)."""
     m = matcher if matcher is not None else SyncMatcher()
     metrics = _Metrics()
     metrics.registry.register(_BackendCollector(m, router))
@@ -330,6 +350,8 @@ def create_app(
     metrics.registry.register(_EventsCollector(subs, router))
     if snapshotter is not None:
         metrics.registry.register(_SnapshotCollector(snapshotter))
+    if recorder is not None:
+        metrics.registry.register(_RecorderCollector(recorder))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -353,6 +375,8 @@ def create_app(
             subs.clear()
             if "client" in resources:
                 await resources["client"].aclose()
+            if recorder is not None:
+                recorder.close()
 
     # With a token, the schema is served only to callers holding it (below), and the
     # interactive docs not at all: their page would fetch the schema without the token.
@@ -535,7 +559,7 @@ def create_app(
     if router is not None and any(e.url for e in router.engines.values()):
         resources["client"] = add_proxy(
             app, m, router, deps, tenant, expose_decisions=expose_decisions,
-            tenant_salt=tenant_salt,
+            tenant_salt=tenant_salt, recorder=recorder,
         )  # fmt: skip
 
     @app.get("/metrics", dependencies=deps, responses=errors, response_class=PlainTextResponse)

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from kvforge.config import Config, load_config
 from kvforge.errors import InvalidInputError
 from kvforge.route.tenancy import TenantSalt
+from kvforge.serve.record import Recorder
 
 # how the command line passes its arguments to uvicorn's worker processes
 SERVE_ARGS_ENV = "KVFORGE_SERVE_ARGS"
@@ -74,7 +75,18 @@ def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
         snapshotter=snapshotter,
         expose_decisions=rc.expose_decisions,
         tenant_salt=TenantSalt.from_env(rc.tenant_salt_env) if rc.tenant_salt_env else None,
+        recorder=_recorder(cfg),
     )
+
+
+def _recorder(cfg: Config) -> Recorder | None:
+    sc = cfg.service
+    if not sc.record_path:
+        return None
+    # one file per worker process: rotation is not shared between processes
+    path = sc.record_path if sc.workers == 1 else f"{sc.record_path}.{os.getpid()}"
+    return Recorder(path, max_bytes=sc.record_max_bytes, keep=sc.record_keep,
+                    redact=sc.record_redact)  # fmt: skip
 
 
 def serve_args(config: str | None, overrides: dict[str, dict[str, Any]]) -> str:

@@ -22,7 +22,8 @@ from starlette.concurrency import run_in_threadpool
 
 from kvforge.match import SyncMatcher
 from kvforge.route import RouteDecision, Router
-from kvforge.route.tenancy import TenantSalt
+from kvforge.route.tenancy import DEFAULT_TENANT, TenantSalt
+from kvforge.serve.record import Recorder
 from kvforge.tokenize import ChatOptions, TokenizedPrompt
 from kvforge.validate import require_utf8_tree
 
@@ -52,6 +53,7 @@ def add_proxy(
     *,
     expose_decisions: bool = False,
     tenant_salt: TenantSalt | None = None,
+    recorder: Recorder | None = None,
 ) -> httpx.AsyncClient:
     """Add the two endpoints; returns the upstream client (the app closes it on shutdown).
     ``tenant`` is the service's ``X-Tenant`` dependency (it scopes the tokenizer's cache and,
@@ -101,7 +103,8 @@ def add_proxy(
         return Response(content, status_code=upstream.status_code,
                         headers={**passthrough, **headers})  # fmt: skip
 
-    async def read_json(request: Request, t: str | None) -> dict[str, Any]:
+    async def read_json(request: Request, t: str | None) -> tuple[dict[str, Any], str | None]:
+        """The body (salted for the tenant when configured) and the salt as recorded."""
         try:
             body = await request.json()
         except ValueError as exc:
@@ -111,16 +114,18 @@ def add_proxy(
         # forwarded as UTF-8 JSON: a lone surrogate anywhere (an escape JSON allows) is refused
         # here, not met as an encoding error on the way out
         require_utf8_tree(body, "the body")
-        if tenant_salt is not None:  # the engine hashes what the router looked up
-            given = body.get("cache_salt")
-            if given is not None and not isinstance(given, str):
-                raise HTTPException(422, "cache_salt must be a string")
-            body["cache_salt"] = tenant_salt.salt(t, given)
-        return body
+        given = body.get("cache_salt")
+        if given is not None and not isinstance(given, str):
+            raise HTTPException(422, "cache_salt must be a string")
+        if tenant_salt is None:
+            return body, given
+        body["cache_salt"] = tenant_salt.salt(t, given)  # the engine hashes what we looked up
+        # the recording keeps the sharing (one salt per tenant), never the derived value
+        return body, f"tenant:{t or DEFAULT_TENANT}" + (f":{given}" if given else "")
 
     @app.post("/v1/chat/completions", dependencies=deps)
     async def chat(request: Request, t: str | None = Depends(tenant)) -> Response:
-        body = await read_json(request, t)
+        body, salt = await read_json(request, t)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return JSONResponse({"detail": "'messages' must be a non-empty list"}, 422)
@@ -135,11 +140,13 @@ def add_proxy(
             matcher.tokenize, messages, tools=body.get("tools"), tenant=t, chat=chat
         )
         d = await run_in_threadpool(decide, tp, body)
+        if recorder is not None:
+            recorder.record(body, tp.token_ids, tenant=t, engine=d.engine, salt=salt)
         return await forward("/v1/chat/completions", body, d)
 
     @app.post("/v1/completions", dependencies=deps)
     async def completions(request: Request, t: str | None = Depends(tenant)) -> Response:
-        body = await read_json(request, t)
+        body, salt = await read_json(request, t)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0]  # a batch: route by its first prompt
@@ -147,6 +154,8 @@ def add_proxy(
             return JSONResponse({"detail": "'prompt' must be text or token ids"}, 422)
         tp = await run_in_threadpool(matcher.tokenize, prompt, tenant=t)
         d = await run_in_threadpool(decide, tp, body)
+        if recorder is not None:
+            recorder.record(body, tp.token_ids, tenant=t, engine=d.engine, salt=salt)
         return await forward("/v1/completions", body, d)
 
     return client
