@@ -260,3 +260,25 @@ def test_an_engine_announcing_more_than_its_pool_is_dropped() -> None:
     assert res.prefix_scores(list(range(90)), ["e0"])["e0"].blocks == 0  # flood: dropped
     assert res.overflows == 1
     assert res.prefix_scores(list(range(10)), ["e1"])["e1"].blocks == 10  # others untouched
+
+
+def test_the_hash_memo_is_per_tenant() -> None:
+    """Routing a prompt another tenant routed recently must cost the same as a new one: the
+    memo of chain hashes is keyed by the caller's tenant (no timing oracle), and still saves
+    the tenant's own repeats."""
+    router = Router([EngineConfig("e0")], speculative_ttl=0)
+    prompt = list(range(5000, 5000 + 64 * 16))
+    router.residency.store("e0", chain_keys(BlockHasher().chain(prompt)).tolist())
+    memo = next(iter(router._memos.values()))
+
+    def entries() -> int:
+        return len(memo._young) + len(memo._old)
+
+    router.route_tokens(prompt, tenant="acme")
+    first = entries()
+    assert first >= 32
+    router.route_tokens(prompt, tenant="acme")
+    assert entries() == first  # acme's repeat: every block from the memo
+    d = router.route_tokens(prompt, tenant="globex")
+    assert entries() == 2 * first  # hashed again for another tenant
+    assert d.cached_blocks == 64  # and the decision is the same

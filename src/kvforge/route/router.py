@@ -57,9 +57,9 @@ class HashMemo:
     """Chain hashes of recently routed blocks, so a conversation's shared prefix is not
     re-hashed on every turn (sha256 dominates routing cost).
 
-    Key: (parent digest, keyed block key — ``residency.block_keys``); block 0 adds the salt and
-    LoRA. The block key is keyed with a per-process secret, so nobody can craft a block that
-    collides with another's entry. Two generations bound the memory: when the young one is
+    Key: (parent digest, keyed block key — ``residency.block_keys``, the caller's tenant);
+    block 0 adds the salt and LoRA. The block key is keyed with a per-process secret, so
+    nobody can craft a block that collides with another's entry. Two generations bound the memory: when the young one is
     full it becomes the old one and the previous old one is dropped.
     """
 
@@ -71,8 +71,12 @@ class HashMemo:
         self._old: dict[tuple[Any, ...], tuple[bytes, int]] = {}
         self._lock = threading.Lock()
 
-    def keys(self, toks: tuple[int, ...], salt: str | None, lora: LoRA | None) -> _LazyKeys:
-        return _LazyKeys(self, toks, salt, lora)
+    def keys(
+        self, toks: tuple[int, ...], salt: str | None, lora: LoRA | None, scope: str = ""
+    ) -> _LazyKeys:
+        """``scope`` (the caller's tenant) is part of every entry's key: a prompt another
+        tenant routed is no faster to route (no timing oracle through the memo)."""
+        return _LazyKeys(self, toks, salt, lora, scope)
 
     def put_many(self, items: list[tuple[tuple[Any, ...], tuple[bytes, int]]]) -> None:
         with self._lock:
@@ -85,9 +89,10 @@ class _LazyKeys:
     """One request's block hashes (u64 event form), computed on demand through the memo."""
 
     def __init__(self, memo: HashMemo, toks: tuple[int, ...], salt: str | None,
-                 lora: LoRA | None) -> None:  # fmt: skip
+                 lora: LoRA | None, scope: str = "") -> None:  # fmt: skip
         bs = memo.hasher.block_size
         self.memo, self.toks, self.salt, self.lora = memo, toks, salt, lora
+        self.scope = scope
         self.num_blocks = len(toks) // bs
         # the residency's keyed block keys (the same for its block tree and this memo),
         # computed as far as someone reads them: a tree walk stops at the first block no
@@ -129,11 +134,15 @@ class _LazyKeys:
         bs = hasher.block_size
         young, old = memo._young, memo._old
         digests, keys, cks, toks = self._digests, self.keys, self._ck_upto(k), self.toks
+        scope = self.scope
         later_extra = block_extra_keys(bs, 2 * bs, lora=self.lora)  # every block after 0
         fresh: list[tuple[tuple[Any, ...], tuple[bytes, int]]] = []
         prev = digests[-1] if i else hasher.root
         while i < k:
-            key: tuple[Any, ...] = (prev, cks[i]) if i else (prev, cks[0], self.salt, self.lora)
+            # the real parent digest chains the keys; the scope keeps each tenant's apart
+            key: tuple[Any, ...] = (
+                (prev, cks[i], scope) if i else (prev, cks[0], self.salt, self.lora, scope)
+            )
             hit = young.get(key)
             if hit is None:
                 hit = old.get(key)
@@ -236,6 +245,7 @@ class Router:
         now: float | None = None,
         dispatch: bool = True,
         chat: ChatOptions | None = None,
+        tenant: str | None = None,
     ) -> RouteDecision:
         """Pick an engine for ``prompt`` (text, chat messages, token ids or a tokenized prompt).
         ``chat``: how chat messages are rendered (vLLM's request options).
@@ -250,7 +260,7 @@ class Router:
         )
         return self.route_tokens(
             tp.token_ids, loads=loads, cache_salt=cache_salt, lora=lora, engines=engines,
-            speculate=speculate, now=now, dispatch=dispatch,
+            speculate=speculate, now=now, dispatch=dispatch, tenant=tenant,
         )  # fmt: skip
 
     def route_tokens(
@@ -264,7 +274,9 @@ class Router:
         speculate: bool = True,
         now: float | None = None,
         dispatch: bool = True,
+        tenant: str | None = None,
     ) -> RouteDecision:
+        """``route`` for token ids. ``tenant`` scopes the hash memo (see ``HashMemo.keys``)."""
         salt = validate_cache_salt(cache_salt)
         candidates = list(engines) if engines is not None else list(self.engines)
         unknown = [c for c in candidates if c not in self.engines]
@@ -288,7 +300,7 @@ class Router:
             groups.setdefault((*cfg.hash_config(), path), []).append(c)
         for (algo, seed, bs, path), members in groups.items():
             seq = self._memos[(algo, seed, bs)].keys(
-                toks, salt, LoRA(lora, path) if lora and path else None
+                toks, salt, LoRA(lora, path) if lora and path else None, tenant or ""
             )
             for m in members:
                 seqs[m] = seq

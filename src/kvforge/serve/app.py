@@ -550,7 +550,8 @@ def create_app(
         tp = m.tokenize(body.value(), tools=body.tools, tenant=t, chat=body.chat())
         salt = body.cache_salt if tenant_salt is None else tenant_salt.salt(t, body.cache_salt)
         # advice only (nothing is forwarded): no speculation, no event expected of the engine
-        d = router.route(tp, loads=body.loads, cache_salt=salt, lora=body.lora, dispatch=False)
+        d = router.route(tp, loads=body.loads, cache_salt=salt, lora=body.lora, dispatch=False,
+                         tenant=t)  # fmt: skip
         out: dict[str, Any] = {"engine": d.engine, "num_blocks": d.num_blocks}
         if expose_decisions:
             out.update(cached_blocks=d.cached_blocks, scores=d.scores, reason=d.reason)

@@ -62,11 +62,11 @@ def add_proxy(
     inflight = _InFlight()
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
 
-    def decide(tp: TokenizedPrompt, body: dict[str, Any]) -> RouteDecision:
+    def decide(tp: TokenizedPrompt, body: dict[str, Any], t: str | None) -> RouteDecision:
         model = body.get("model")
         lora = model if isinstance(model, str) and model in _loras(router) else None
         return router.route(tp, loads=inflight.loads(), cache_salt=body.get("cache_salt"),
-                            lora=lora, engines=list(engines))  # fmt: skip
+                            lora=lora, engines=list(engines), tenant=t)  # fmt: skip
 
     async def forward(path: str, body: dict[str, Any], d: RouteDecision) -> Response:
         url = engines[d.engine].url.rstrip("/") + path  # type: ignore[union-attr]
@@ -139,7 +139,7 @@ def add_proxy(
         tp = await run_in_threadpool(
             matcher.tokenize, messages, tools=body.get("tools"), tenant=t, chat=chat
         )
-        d = await run_in_threadpool(decide, tp, body)
+        d = await run_in_threadpool(decide, tp, body, t)
         if recorder is not None:
             recorder.record(body, tp.token_ids, tenant=t, engine=d.engine, salt=salt)
         return await forward("/v1/chat/completions", body, d)
@@ -153,7 +153,7 @@ def add_proxy(
         if not isinstance(prompt, str | list) or not prompt:
             return JSONResponse({"detail": "'prompt' must be text or token ids"}, 422)
         tp = await run_in_threadpool(matcher.tokenize, prompt, tenant=t)
-        d = await run_in_threadpool(decide, tp, body)
+        d = await run_in_threadpool(decide, tp, body, t)
         if recorder is not None:
             recorder.record(body, tp.token_ids, tenant=t, engine=d.engine, salt=salt)
         return await forward("/v1/completions", body, d)
