@@ -59,8 +59,9 @@ class HashMemo:
 
     Key: (parent digest, keyed block key — ``residency.block_keys``, the caller's tenant);
     block 0 adds the salt and LoRA. The block key is keyed with a per-process secret, so
-    nobody can craft a block that collides with another's entry. Two generations bound the memory: when the young one is
-    full it becomes the old one and the previous old one is dropped.
+    nobody can craft a block that collides with another's entry. Two generations bound the
+    memory: when the young one is full it becomes the old one and the previous old one is
+    dropped.
     """
 
     def __init__(self, hasher: BlockHasher, capacity: int = 1 << 18, secret: int | None = None):
