@@ -65,10 +65,11 @@ def test_two_processes_see_each_others_indexing_clearing_and_kv_events(
             while True:
                 pub.publish([BlockStored(block_hashes=_keys(PROMPT), medium="GPU")])
                 d = httpx.post(b_url + "/v1/route", json=body, timeout=10).json()
-                if d["cached_blocks"] == 8 or time.monotonic() > deadline:
+                if d["cached_blocks"] == 7 or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-            assert d["engine"] == "e0" and d["cached_blocks"] == 8, d
+            # all 8 blocks held; vLLM recomputes the last token, so it skips 7
+            assert d["engine"] == "e0" and d["cached_blocks"] == 7, d
         finally:
             for p in (a, b):
                 p.terminate()

@@ -131,12 +131,14 @@ def test_salts_and_loras_are_part_of_the_key(new_residency) -> None:
     cfgs = [EngineConfig("e0"), EngineConfig("e1", loras={"sql": "/adapters/sql"})]
     r = Router(residency=new_residency(), engines=cfgs, speculative_ttl=0)
     r.residency.store("e0", _keys(PROMPT, cache_salt="tenant-a"))
-    assert r.route_tokens(PROMPT, cache_salt="tenant-a").cached_blocks == 40
+    # all 40 blocks held; vLLM recomputes the last token, so it skips 39 (the last-token rule)
+    assert r.route_tokens(PROMPT, cache_salt="tenant-a").cached_blocks == 39
+    assert r.route_tokens(PROMPT + [7], cache_salt="tenant-a").cached_blocks == 40
     assert r.route_tokens(PROMPT, cache_salt="tenant-b").cached_blocks == 0
     assert r.route_tokens(PROMPT).cached_blocks == 0
     r.residency.store("e1", _keys(PROMPT, lora=LoRA("sql", "/adapters/sql")))
     d = r.route_tokens(PROMPT, lora="sql")
-    assert (d.engine, d.cached_blocks) == ("e1", 40)
+    assert (d.engine, d.cached_blocks) == ("e1", 39)
     with pytest.raises(InvalidInputError, match="LoRA"):
         r.route_tokens(PROMPT, lora="unknown")
 
@@ -182,7 +184,7 @@ def test_block_tree_from_golden_events_gives_the_engines_hashes_without_hashing(
     # request B of the capture: LoRA + salt, tokens 1000..1063 (4 blocks)
     toks = list(range(1000, 1064))
     d = r.route_tokens(toks, cache_salt="tenant-42", lora="agent-lora", engines=["pod-a"])
-    assert d.cached_blocks == 4
+    assert d.cached_blocks == 4 - 1  # all four held; the last block is recomputed
     lora = LoRA("agent-lora", "/adapters/agent-lora")
     want = chain_keys(BlockHasher().chain(toks, cache_salt="tenant-42", lora=lora))
     seq = r._memos[cfg.hash_config()].keys(tuple(toks), "tenant-42", lora)
@@ -281,4 +283,28 @@ def test_the_hash_memo_is_per_tenant() -> None:
     assert entries() == first  # acme's repeat: every block from the memo
     d = router.route_tokens(prompt, tenant="globex")
     assert entries() == 2 * first  # hashed again for another tenant
-    assert d.cached_blocks == 64  # and the decision is the same
+    assert d.cached_blocks == 63  # and the decision is the same (last token recomputed)
+
+
+def test_speculation_covers_the_prompt_and_yields_to_the_engines_events(new_residency) -> None:
+    """A dispatched decision assumes the engine will hold every full block of the prompt; a
+    BlockRemoved or AllBlocksCleared for those blocks ends the assumption (vLLM's events are
+    the truth), and a BlockStored replaces it with the real thing."""
+    r = Router([EngineConfig("e0"), EngineConfig("e1")], residency=new_residency(),
+               speculative_ttl=30.0)  # fmt: skip
+    prompt = list(range(3000, 3000 + 16 * 10 + 5))  # 10 full blocks and 5 tokens
+    keys = _keys(prompt)
+    e = r.route_tokens(prompt, now=100.0).engine  # cold, dispatched: speculates
+    assert r.route_tokens(prompt, now=101.0, dispatch=False).cached_blocks == 10  # all of it
+    r.residency.apply(e, KVEventBatch(0.0, [BlockRemoved(block_hashes=keys[:1], medium="GPU")]))
+    assert r.route_tokens(prompt, now=102.0, dispatch=False).cached_blocks == 0
+    # a new guess, then the engine clears: gone at once, not after the TTL
+    r.route_tokens(prompt, now=103.0, engines=[e])
+    assert r.route_tokens(prompt, now=104.0, dispatch=False).cached_blocks == 10
+    r.residency.apply(e, KVEventBatch(0.0, [AllBlocksCleared()]))
+    assert r.route_tokens(prompt, now=105.0, dispatch=False).cached_blocks == 0
+    # confirmed by a store, then evicted: the real residency decides
+    r.route_tokens(prompt, now=106.0, engines=[e])
+    r.residency.apply(e, KVEventBatch(0.0, [BlockStored(block_hashes=keys[:4], medium="GPU")]))
+    r.residency.apply(e, KVEventBatch(0.0, [BlockRemoved(block_hashes=keys[2:4], medium="GPU")]))
+    assert r.route_tokens(prompt, now=107.0, dispatch=False).cached_blocks == 2

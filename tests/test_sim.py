@@ -30,7 +30,7 @@ def _requests(n_pipelines: int = 6, seed: int = 0) -> list[SimRequest]:
 
 def _direct_hits(reqs: list[SimRequest], assign: list[int], bs: int = 16) -> int:
     """Unlimited cache: a request hits the longest block-aligned prefix it shares with an
-    earlier request on the same engine."""
+    earlier request on the same engine, never its own last token (vLLM's rule)."""
     total = 0
     seen: dict[int, list[tuple[int, ...]]] = {}
     for r, e in zip(reqs, assign, strict=True):
@@ -41,13 +41,14 @@ def _direct_hits(reqs: list[SimRequest], assign: list[int], bs: int = 16) -> int
                     prev[n * bs:(n + 1) * bs] == r.token_ids[n * bs:(n + 1) * bs]:  # fmt: skip
                 n += 1
             best = max(best, n)
-        total += best * bs
+        total += min(best, (len(r.token_ids) - 1) // bs) * bs
         seen.setdefault(e, []).append(r.token_ids)
     return total
 
 
 def test_hit_accounting_equals_direct_recomputation() -> None:
     reqs = _requests()
+    reqs += reqs[:6]  # exact repeats: the last-token rule decides their hits
     for engines in (1, 3):
         res = simulate(reqs, "round_robin", ClusterConfig(engines=engines, blocks_per_engine=10**6))
         assign = [i % engines for i in range(len(reqs))]
@@ -57,7 +58,7 @@ def test_hit_accounting_equals_direct_recomputation() -> None:
 
 
 def test_pool_evicts_lru_and_frees_tail_first() -> None:
-    e = SimEngine("e", num_blocks=4)
+    e = SimEngine("e", num_blocks=5)  # vLLM's null block + 4 usable
     a = list(range(48))  # 3 full blocks
     adm = e.admit(keys(a), a)
     assert adm.hit_blocks == 0 and len(adm.blocks) == 3
@@ -123,3 +124,59 @@ def test_cli_simulate_json_contract(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "simulate", str(path),
                           "--policy", "nope"], capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "unknown policy" in bad.stderr
+
+
+def test_pool_follows_vllm_block_pool_rules() -> None:
+    """The last-token rule, duplicate copies, the null block and the free-queue order, each
+    as vLLM 0.33.0's KV cache manager decides (see sim/engine.py for the code each mirrors)."""
+    # the last token is always recomputed: a 32-token prompt sent twice hits one block, and
+    # its recomputed last block becomes a second cached copy of the same hash
+    e = SimEngine("e", num_blocks=16)
+    p = list(range(32))
+    e.release(e.admit(keys(p), p).blocks)
+    again = e.admit(keys(p), p)
+    assert again.hit_blocks == 1 and e.hit_blocks(keys(p), 33) == 2
+    assert len(e.cached[keys(p)[1]]) == 2 and len(e.cached[keys(p)[0]]) == 1
+    e.release(again.blocks)
+    # capacity: num_blocks counts the null block
+    small = SimEngine("e", num_blocks=3)
+    assert small.usable_blocks == 2 and small.admit(keys(p + [1]), p + [1]).overflow == 1
+    # freed blocks without a hash go to the front: the next request takes the partial block,
+    # not a cached one
+    f = SimEngine("e", num_blocks=4)  # 3 usable
+    q = list(range(100, 140))  # 2 full blocks + 8 tokens
+    adm = f.admit(keys(q), q)
+    f.release(adm.blocks)
+    assert next(iter(f.free)) == adm.blocks[2]  # the partial block, first to be reused
+    r = list(range(500, 516))
+    f.release(f.admit(keys(r), r).blocks)
+    assert f.cached_prefix(keys(q)) == 2  # q's cached blocks survived
+
+
+def test_duplicate_copies_reach_the_residency_as_vllm_sends_them() -> None:
+    """Two copies of one hash: two BlockStored, and the block stays held until both copies
+    are evicted (two BlockRemoved) — over real sockets."""
+    ctx = zmq.Context()
+    res = ResidencyIndex()
+    pub = EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", context=ctx)
+    sub = EventSubscriber("e", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
+                          context=ctx).start()  # fmt: skip
+    time.sleep(0.2)
+    try:
+        e = SimEngine("e", num_blocks=4, publisher=pub)
+        p = list(range(32))
+        e.release(e.admit(keys(p), p).blocks)
+        e.release(e.admit(keys(p), p).blocks)  # block 1 recomputed: a second copy
+        assert sub.wait_for_seq(pub.next_seq - 1, timeout=10)
+        h1 = keys(p)[1]
+        assert res._engines["e"].counts["GPU"][h1] == 2
+        for n in range(2):  # each cold request evicts one more copy
+            x = list(range(1000 + 100 * n, 1016 + 100 * n))
+            e.release(e.admit(keys(x), x).blocks)
+        assert sub.wait_for_seq(pub.next_seq - 1, timeout=10)
+        held = res._engines["e"].counts["GPU"]
+        assert set(held) == set(e.cached) and all(held[h] == len(e.cached[h]) for h in held)
+    finally:
+        sub.stop()
+        pub.close()
+        ctx.term()

@@ -276,6 +276,7 @@ def test_no_query_of_one_tenant_ever_sees_another(index_url, data: st.DataObject
         d = router.route_tokens(q, cache_salt=f"salt-{tenant}", speculate=False)
         # exactly what the tenant's own prompts explain: leading blocks equal token for token
         own = max((_common_blocks(q, p, 16) for p in held[tenant]), default=0)
+        own = min(own, (len(q) - 1) // 16)  # the engine recomputes the last token (vLLM)
         assert d.cached_blocks == own, (tenant, d.cached_blocks, own)
     for tenant in ("A", "B"):
         r = m.find_reusable_blocks(q, tenant=tenant)

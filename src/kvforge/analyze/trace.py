@@ -354,7 +354,7 @@ def analyze(
         tot = out.agents.setdefault(req.agent_id, AgentTotals())
         tot.requests += 1
         tot.prompt_tokens += seq.num_tokens
-        exact = report.exact_blocks * bs
+        exact = report.engine_cached_tokens  # what vLLM skips (never the last token)
         moved = report.moved_tokens
         tot.exact_tokens += exact
         tot.moved_tokens += moved
@@ -424,8 +424,9 @@ def _credit_pairs(out: TraceAnalysis, agent: str, report: MatchReport) -> None:
     spans, past the exact prefix) credit one source each — the longest span's first, then a
     moved block's first owner — so each pair's moved tokens add up to the request's."""
     bs = report.block_size
+    skip = report.engine_skip_blocks  # exact blocks the engine really skips
     for b in report.blocks:
-        if b.kind != "exact":
+        if b.kind != "exact" or b.index >= skip:
             continue
         for src in {_agent_of(o) for o in b.owners}:
             out.pair_exact[(agent, src)] = out.pair_exact.get((agent, src), 0) + bs

@@ -115,7 +115,21 @@ class MatchReport:
 
     @property
     def reusable_tokens(self) -> int:
+        """Tokens of the exact prefix (held as is by the best owner)."""
         return self.exact_blocks * self.block_size
+
+    @property
+    def engine_skip_blocks(self) -> int:
+        """Exact blocks a vLLM engine holding them would actually skip: never the prompt's
+        last token, so at most ``(num_tokens - 1) // block_size`` (its last-token rule,
+        ``KVCacheManager.get_computed_blocks``). A prompt that ends on a block boundary and
+        is fully held still recomputes its last block."""
+        return min(self.exact_blocks, max(0, self.num_tokens - 1) // self.block_size)
+
+    @property
+    def engine_cached_tokens(self) -> int:
+        """What vLLM would report as ``usage.prompt_tokens_details.cached_tokens``."""
+        return self.engine_skip_blocks * self.block_size
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data. Built field by field: ``dataclasses.asdict`` deep-copies
@@ -140,6 +154,8 @@ class MatchReport:
         d["moved_blocks"] = self.moved_blocks
         d["near_blocks"] = self.near_blocks
         d["reusable_tokens"] = self.reusable_tokens
+        d["engine_skip_blocks"] = self.engine_skip_blocks
+        d["engine_cached_tokens"] = self.engine_cached_tokens
         return d
 
 

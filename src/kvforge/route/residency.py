@@ -200,8 +200,10 @@ class ResidencyIndex:
         return hs, new
 
     def _stored(self, e: EngineResidency, medium: str, ev: BlockStored) -> None:
-        """One BlockStored: residency, then the block tree."""
+        """One BlockStored: residency (replacing any speculative entry), then the tree."""
         hashes, new = self._store(e, medium, ev.block_hashes)
+        if e.spec:
+            self._drop_spec(e, hashes)
         self._grow_tree(e, ev, hashes, new)
 
     def _grow_tree(
@@ -267,7 +269,23 @@ class ResidencyIndex:
                 parent = h
         return out
 
+    def _drop_spec(self, e: EngineResidency, hashes: Iterable[int]) -> None:
+        """The engine's events now speak for these hashes: its speculative entries for them
+        end (a removal must not be outlived by a guess; a store replaces the guess)."""
+        spec = e.spec
+        if not spec:
+            return
+        masks = self._spec_mask
+        for h in hashes:
+            if spec.pop(h, None) is not None:
+                m = masks.get(h, 0) & ~e.bit
+                if m:
+                    masks[h] = m
+                else:
+                    masks.pop(h, None)
+
     def _remove(self, e: EngineResidency, medium: str, hashes: Sequence[int | bytes]) -> None:
+        self._drop_spec(e, (h if type(h) is int else to_u64(h) for h in hashes))
         counts = e.counts.get(medium)
         if not counts:
             return
@@ -292,6 +310,7 @@ class ResidencyIndex:
         self._forget_medium(medium)
 
     def _clear(self, e: EngineResidency) -> None:
+        self._drop_spec(e, list(e.spec))
         for medium, counts in list(e.counts.items()):
             masks = self._masks[medium]
             for h in counts:

@@ -170,7 +170,9 @@ class _LazyKeys:
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
     engine: str
-    cached_blocks: int  # leading blocks of the request the chosen engine holds
+    # leading blocks of the request the chosen engine will skip: what it holds, but never the
+    # prompt's last token (vLLM recomputes it: at most (num_tokens - 1) // block_size)
+    cached_blocks: int
     num_blocks: int
     num_tokens: int
     scores: dict[str, float]  # per engine: tier-weighted cached prefix (blocks)
@@ -306,9 +308,12 @@ class Router:
             for m in members:
                 seqs[m] = seq
             root_extra = [x for x in (lora if path else None, salt) if x] or None
+            # vLLM's last-token rule (KVCacheManager.get_computed_blocks: max_cache_hit_length
+            # = num_tokens - 1): a fully held prompt still recomputes its last block
+            skippable = max(0, len(toks) - 1) // bs
             for m, ps in self._scores(seq, members, now, root_extra).items():
-                scores[m] = ps.score
-                held[m] = ps.blocks
+                scores[m] = min(ps.score, skippable)
+                held[m] = min(ps.blocks, skippable)
         loads = loads or {}
         load = {c: float(loads.get(c, 0.0)) for c in candidates}
         mean_load = sum(load.values()) / len(load)
@@ -334,15 +339,10 @@ class Router:
         seq = seqs[best]
         if dispatch and self.stale_after is not None and held[best] < seq.num_blocks:
             self._awaiting.setdefault(best, now)  # its BlockStored event should follow
-        if (
-            dispatch
-            and speculate
-            and self.speculative_ttl > 0
-            and (seq.num_hashed or seq.tree_keys)
-        ):
-            # The blocks hashed so far (the longest held prefix plus one chunk, at least 32)
-            # are enough for a sibling request with the same prefix to land here too.
-            keys = seq.tree_keys or seq.keys[: seq.num_hashed]
+        if dispatch and speculate and self.speculative_ttl > 0 and seq.num_blocks:
+            # every full block the engine will store once it has prefilled the prompt (hashed
+            # now where the tree did not know them; the memo keeps a repeat cheap)
+            keys = seq.upto(seq.num_blocks)[: seq.num_blocks]
             self.residency.speculate(best, keys, self.speculative_ttl, now)
         return RouteDecision(best, held[best], seq.num_blocks, len(toks), scores, costs,
                              reason)  # fmt: skip

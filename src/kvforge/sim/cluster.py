@@ -199,7 +199,8 @@ def _policy(
     if name == "oracle":
 
         def oracle(req: SimRequest, keys: list[int], now: float) -> int:
-            return max(range(n), key=lambda e: (engines[e].cached_prefix(keys),
+            toks = len(req.token_ids)
+            return max(range(n), key=lambda e: (engines[e].hit_blocks(keys, toks),
                                                 -engines[e].active_blocks, -e))  # fmt: skip
 
         return oracle
