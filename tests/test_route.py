@@ -133,7 +133,7 @@ def test_salts_and_loras_are_part_of_the_key(new_residency) -> None:
     r.residency.store("e0", _keys(PROMPT, cache_salt="tenant-a"))
     # all 40 blocks held; vLLM recomputes the last token, so it skips 39 (the last-token rule)
     assert r.route_tokens(PROMPT, cache_salt="tenant-a").cached_blocks == 39
-    assert r.route_tokens(PROMPT + [7], cache_salt="tenant-a").cached_blocks == 40
+    assert r.route_tokens([*PROMPT, 7], cache_salt="tenant-a").cached_blocks == 40
     assert r.route_tokens(PROMPT, cache_salt="tenant-b").cached_blocks == 0
     assert r.route_tokens(PROMPT).cached_blocks == 0
     r.residency.store("e1", _keys(PROMPT, lora=LoRA("sql", "/adapters/sql")))

@@ -140,7 +140,7 @@ def test_pool_follows_vllm_block_pool_rules() -> None:
     e.release(again.blocks)
     # capacity: num_blocks counts the null block
     small = SimEngine("e", num_blocks=3)
-    assert small.usable_blocks == 2 and small.admit(keys(p + [1]), p + [1]).overflow == 1
+    assert small.usable_blocks == 2 and small.admit(keys([*p, 1]), [*p, 1]).overflow == 1
     # freed blocks without a hash go to the front: the next request takes the partial block,
     # not a cached one
     f = SimEngine("e", num_blocks=4)  # 3 usable
