@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
 
 import openai
 import pytest
@@ -225,3 +227,95 @@ def test_recording_proxied_requests_as_a_trace(tmp_path) -> None:
     assert small.written == 200 and all(p.stat().st_size < 2_500 for p in tmp_path.glob("rot*"))
     last = json.loads((tmp_path / "rot.jsonl").read_text().splitlines()[-1])
     assert last["prompt"].startswith("request 199")
+
+
+def _proxy_over(
+    n: int, engine_tk: PromptTokenizer | None = None
+) -> tuple[Any, list[Any], Router, list[EventPublisher]]:
+    """n stand-in engines (each in its own exit stack, so a test can kill one) and a proxy;
+    ``engine_tk``: the engines render with this tokenizer instead of the proxy's."""
+    tk = PromptTokenizer.qwen3()
+    pubs = [EventPublisher("tcp://127.0.0.1:*", topic=f"kv{i}") for i in range(n)]
+    stacks, urls = [], []
+    for i, p in enumerate(pubs):
+        st = ExitStack()
+        engine = SimEngine(f"e{i}", 4096, publisher=p)
+        urls.append(st.enter_context(serve(standin_app(engine, BlockHasher(), engine_tk or tk))))
+        stacks.append(st)
+    router = Router([EngineConfig(f"e{i}", url=u, events=p.endpoint, topic=f"kv{i}")
+                     for i, (u, p) in enumerate(zip(urls, pubs, strict=True))],
+                    speculative_ttl=0)  # fmt: skip
+    app_ = create_app(SyncMatcher(tokenizer=tk), router=router)
+    return app_, stacks, router, pubs
+
+
+def test_claims_are_checked_against_the_engines_cached_tokens() -> None:
+    """Every answer's usage.prompt_tokens_details.cached_tokens is compared with the claim:
+    exact on a faithful engine; an engine whose chat template differs (so its tokens) shows up
+    as under-claims — the signal to run ``kvforge doctor``."""
+    from fastapi.testclient import TestClient
+
+    from kvforge.tokenize import ChatTemplate
+
+    q = PromptTokenizer.qwen3()
+    assert q.template is not None
+    edited = q.template.source.replace(
+        "'<|im_start|>system\\n' + messages[0].content",
+        "'<|im_start|>system\\n\\n' + messages[0].content",
+    )
+    assert edited != q.template.source
+    other = PromptTokenizer(q._tk, ChatTemplate(edited, q.template._special), "edited")
+    for engine_tk, outcome in ((None, "exact"), (other, "under")):
+        app_, stacks, router, pubs = _proxy_over(1, engine_tk)
+        try:
+            with TestClient(app_) as c:
+                msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
+                for _ in range(4):
+                    r = c.post("/v1/chat/completions", json={"model": "m", "messages": msgs})
+                    assert r.status_code == 200
+                    deadline = time.monotonic() + 5  # let the engine's events arrive
+                    while (
+                        not router.residency.engine("e0").blocks() and time.monotonic() < deadline
+                    ):
+                        time.sleep(0.05)
+                claims = c.get("/v1/stats").json()["claims"]
+                assert claims[outcome] >= 3, claims
+                if outcome == "exact":
+                    assert claims["over"] == claims["under"] == 0, claims
+                metrics = c.get("/metrics").text
+                assert f'kvforge_route_claims_total{{outcome="{outcome}"}}' in metrics
+        finally:
+            for st in stacks:
+                st.close()
+            for p in pubs:
+                p.close()
+
+
+def test_a_dead_engine_costs_the_clients_nothing() -> None:
+    """Four engines, one killed mid-run: every request still answers 200 (retried once on the
+    next-best engine), the dead one leaves the rotation, and it is all counted."""
+    from fastapi.testclient import TestClient
+
+    app_, stacks, _, pubs = _proxy_over(4)
+    errors = 0
+    try:
+        with TestClient(app_) as c:
+            for k in range(40):
+                if k == 10:
+                    stacks[2].close()  # engine e2 dies
+                msgs = [{"role": "user", "content": f"Request {k}: " + "context " * 40}]
+                r = c.post("/v1/chat/completions", json={"model": "m", "messages": msgs})
+                errors += r.status_code != 200
+                if k > 10:
+                    assert r.headers["x-kvforge-engine"] != "e2" or k % 5 == 0
+            stats = c.get("/v1/stats").json()
+            metrics = c.get("/metrics").text
+    finally:
+        for st in stacks:
+            st.close()
+        for p in pubs:
+            p.close()
+    assert errors == 0
+    assert stats["engines_up"]["e2"] is False and sum(stats["engines_up"].values()) == 3
+    assert 'kvforge_engine_failures_total{engine="e2",kind="unreachable"}' in metrics
+    assert "kvforge_proxy_retries_total" in metrics

@@ -41,7 +41,7 @@ from kvforge.persist import Snapshotter
 from kvforge.route import Router
 from kvforge.route.tenancy import TenantSalt
 from kvforge.serve.bodies import BodyError, MatchStruct, RouteStruct, decode
-from kvforge.serve.proxy import add_proxy
+from kvforge.serve.proxy import Proxy, add_proxy
 from kvforge.serve.record import Recorder
 from kvforge.store import BackendUnavailableError
 from kvforge.tokenize import ChatOptions
@@ -205,6 +205,45 @@ class _SnapshotCollector(Collector):
         failed = CounterMetricFamily("kvforge_snapshot_failures", "Snapshot saves that failed")
         failed.add_metric([], float(self.snapshotter.failures))
         yield from (saves, failed)
+
+
+class _ProxyCollector(Collector):
+    """Claim accuracy against the engines' cached_tokens, engine failures and retries."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        c, h = self.proxy.claims, self.proxy.health
+        claims = CounterMetricFamily(
+            "kvforge_route_claims",
+            "Routing claims checked against the engine's cached_tokens",
+            labels=["outcome"],
+        )
+        for outcome in ("exact", "over", "under", "unknown"):
+            claims.add_metric([outcome], float(getattr(c, outcome)))
+        wrong = CounterMetricFamily(
+            "kvforge_route_claim_error_blocks",
+            "Blocks by which wrong claims missed",
+            labels=["direction"],
+        )
+        wrong.add_metric(["over"], float(c.over_blocks))
+        wrong.add_metric(["under"], float(c.under_blocks))
+        fails = CounterMetricFamily(
+            "kvforge_engine_failures",
+            "Engine failures seen by the proxy",
+            labels=["engine", "kind"],
+        )
+        for (engine, kind), n in sorted(h.failures.items()):
+            fails.add_metric([engine, kind], float(n))
+        retries = CounterMetricFamily("kvforge_proxy_retries", "Requests sent to a second engine")
+        retries.add_metric([], float(h.retries))
+        up = GaugeMetricFamily(
+            "kvforge_engine_up", "Engine in rotation (1) or down (0)", labels=["engine"]
+        )
+        for e in self.proxy.health._streak:
+            up.add_metric([e], 1.0 if h.is_up(e) else 0.0)
+        yield from (claims, wrong, fails, retries, up)
 
 
 class _RecorderCollector(Collector):
@@ -531,6 +570,10 @@ def create_app(
         if router is not None:
             out["events"] = {sub.engine: asdict(sub.stats) for sub in subs}
             out["residency"] = router.residency.stats()
+        if "proxy" in resources:
+            p: Proxy = resources["proxy"]
+            out["claims"] = p.claims.as_dict()
+            out["engines_up"] = {e: p.health.is_up(e) for e in router.engines} if router else {}
         return out
 
     @app.post(
@@ -558,10 +601,13 @@ def create_app(
         return Response(_json.encode(out), media_type="application/json")
 
     if router is not None and any(e.url for e in router.engines.values()):
-        resources["client"] = add_proxy(
+        proxy = add_proxy(
             app, m, router, deps, tenant, expose_decisions=expose_decisions,
             tenant_salt=tenant_salt, recorder=recorder,
         )  # fmt: skip
+        resources["client"] = proxy.client
+        resources["proxy"] = proxy
+        metrics.registry.register(_ProxyCollector(proxy))
 
     @app.get("/metrics", dependencies=deps, responses=errors, response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
