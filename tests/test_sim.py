@@ -116,10 +116,17 @@ def test_cli_simulate_json_contract(tmp_path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
+    # the keys it always had, and the time model's (added, never renamed)
     assert set(doc["policies"]) == {"round_robin", "least_load", "first_block_hash", "prefix",
-                                    "oracle"}  # fmt: skip
+                                    "oracle", "ttft", "ttft_oracle"}  # fmt: skip
     for p in doc["policies"].values():
-        assert set(p) == {"hit_rate", "prefill_tokens", "prompt_tokens", "load_cv"}
+        assert set(p) == {"hit_rate", "prefill_tokens", "prompt_tokens", "load_cv"} | {
+            "ttft_p50_s",
+            "ttft_p99_s",
+            "ttft_mean_s",
+            "queue_wait_p50_s",
+            "queue_wait_p99_s",
+        }
         assert 0 <= p["hit_rate"] <= 1 and p["prefill_tokens"] <= p["prompt_tokens"]
     bad = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "simulate", str(path),
                           "--policy", "nope"], capture_output=True, text=True)  # fmt: skip
@@ -180,3 +187,21 @@ def test_duplicate_copies_reach_the_residency_as_vllm_sends_them() -> None:
         sub.stop()
         pub.close()
         ctx.term()
+
+
+def test_time_to_first_token_follows_the_queue() -> None:
+    """One engine, a burst (everything arrives at once): each request waits for the prefills
+    before it, so TTFTs are running sums of prefill times and the last one equals the whole
+    prefill work; spreading the burst over engines with the TTFT policy cuts the tail."""
+    reqs = [SimRequest(r.agent_id, r.token_ids, None, 0.0) for r in _requests(4)]
+    cfg = ClusterConfig(engines=1, blocks_per_engine=10**6)
+    one = simulate(reqs, "round_robin", cfg)
+    assert one.queue_s[0] == 0.0 and one.queue_s == sorted(one.queue_s)
+    assert all(t >= q for t, q in zip(one.ttft_s, one.queue_s, strict=True))
+    assert abs(max(one.ttft_s) - one.prefill_tokens * cfg.prefill_s_per_token) < 1e-9
+    four = ClusterConfig(engines=4, blocks_per_engine=10**6)
+    got = {p: simulate(reqs, p, four).to_json() for p in ("prefix", "ttft", "ttft_oracle")}
+    assert got["ttft"]["ttft_p99_s"] < one.to_json()["ttft_p99_s"]
+    assert got["ttft"]["ttft_mean_s"] <= got["prefix"]["ttft_mean_s"] * 1.05
+    for doc in got.values():
+        assert {"ttft_p50_s", "ttft_p99_s", "ttft_mean_s", "queue_wait_p99_s"} <= set(doc)

@@ -422,9 +422,22 @@ def simulate_cmd(
     policy: Annotated[
         str,
         typer.Option(
-            "--policy", help="round_robin, least_load, first_block_hash, prefix, oracle or all"
+            "--policy",
+            help="round_robin, least_load, first_block_hash, prefix, ttft, oracle, "
+            "ttft_oracle or all",
         ),
     ] = "all",
+    rate: Annotated[
+        float, typer.Option("--rate", min=1e-9, help="Arrival-rate multiplier (t / rate).")
+    ] = 1.0,
+    prefill_ms_per_block: Annotated[
+        float,
+        typer.Option(
+            "--prefill-ms-per-block",
+            min=0.0,
+            help="Prefill time of an uncached 16-token block (0.5: 8B on an H200).",
+        ),
+    ] = 0.5,
     block_size: BlockSizeOpt = 16,
     algo: AlgoOpt = "sha256",
     hash_seed: HashSeedOpt = None,
@@ -432,7 +445,7 @@ def simulate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Replay a trace on simulated vLLM-like engines under routing policies and compare the
-    prefix-cache hit rate, prefill tokens and load spread."""
+    prefix-cache hit rate, prefill tokens, load spread and time to first token."""
     from kvforge.analyze import read_trace
     from kvforge.sim import POLICIES, ClusterConfig, SimRequest, simulate
 
@@ -451,6 +464,8 @@ def simulate_cmd(
             block_size=block_size,
             hash_algo=algo,
             hash_seed=hash_seed,
+            rate=rate,
+            prefill_s_per_token=prefill_ms_per_block / 1000 / 16,
         )
         results = {p: simulate(reqs, p, cfg) for p in names}
     except KvforgeError as exc:
@@ -464,15 +479,19 @@ def simulate_cmd(
         title=f"{len(reqs)} requests on {engines} engines × {blocks_per_engine} blocks",
         title_justify="left",
     )
-    for col in ("policy", "hit rate", "prefill tokens", "prompt tokens", "load CV"):
+    for col in ("policy", "hit rate", "prefill tokens", "prompt tokens", "load CV",
+                "TTFT p50 (ms)", "TTFT p99 (ms)"):  # fmt: skip
         table.add_column(col, justify="left" if col == "policy" else "right")
     for p, r in results.items():
+        j = r.to_json()
         table.add_row(
             p,
             f"{r.hit_rate:.1%}",
             f"{r.prefill_tokens:,}",
             f"{r.prompt_tokens:,}",
             f"{r.load_cv:.2f}",
+            f"{j['ttft_p50_s'] * 1e3:,.1f}",
+            f"{j['ttft_p99_s'] * 1e3:,.1f}",
         )
     Console().print(table)
 

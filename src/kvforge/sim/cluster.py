@@ -1,7 +1,12 @@
 """Replaying a multi-agent trace on a simulated cluster under a routing policy.
 
-Time model: a request arrives at its ``t`` (or ``i × interarrival``), runs for
-``uncached_tokens × prefill_s_per_token + decode_s`` and holds its KV blocks until it finishes.
+Time model: a request arrives at its ``t`` divided by ``rate`` (or ``i × interarrival``). Each
+engine prefills one request at a time, in arrival order: a request waits for the engine's
+earlier prefills (queue wait), then takes ``uncached_tokens × prefill_s_per_token +
+cached_tokens × cached_s_per_token`` (the profile: defaults from an 8B model on an H200,
+~0.5 ms per uncached 16-token block, prefix hits nearly free); its time to first token (TTFT)
+is wait + prefill. It then decodes for ``decode_s`` (continuous batching: decoding does not
+hold up other prefills) and holds its KV blocks until it finishes.
 Policies:
 
 * ``round_robin``; ``least_load`` (fewest KV blocks in use);
@@ -9,7 +14,10 @@ Policies:
   the engines by rendezvous hashing;
 * ``prefix`` — kvforge's router, fed by the engines' KV events over real ZMQ sockets
   (each engine publishes vLLM-format batches; subscribers apply them to the residency index);
-* ``oracle`` — reads every engine's true cache: the longest cached prefix, ties by load.
+* ``ttft`` — kvforge's router (from the KV events, as ``prefix``) choosing the lowest predicted
+  TTFT: the engine's queued prefill work plus this request's uncached prefill there;
+* ``oracle`` — reads every engine's true cache: the longest cached prefix, ties by load;
+* ``ttft_oracle`` — the lowest *true* TTFT (true cache and true queue): the load-aware bound.
 """
 
 from __future__ import annotations
@@ -31,7 +39,15 @@ from kvforge.events.subscriber import EventSubscriber
 from kvforge.route import EngineConfig, ResidencyIndex, Router
 from kvforge.sim.engine import SimEngine
 
-POLICIES = ("round_robin", "least_load", "first_block_hash", "prefix", "oracle")
+POLICIES = (
+    "round_robin",
+    "least_load",
+    "first_block_hash",
+    "prefix",
+    "ttft",
+    "oracle",
+    "ttft_oracle",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +67,8 @@ class PolicyResult:
     prefill_tokens: int
     per_engine_prefill: list[int] = field(default_factory=list)
     overflow_blocks: int = 0
+    ttft_s: list[float] = field(default_factory=list)  # per request, time to first token
+    queue_s: list[float] = field(default_factory=list)  # per request, wait before prefill
 
     @property
     def hit_rate(self) -> float:
@@ -62,12 +80,23 @@ class PolicyResult:
         mean = statistics.fmean(xs) if xs else 0.0
         return statistics.pstdev(xs) / mean if mean else 0.0
 
+    def pct(self, xs: list[float], q: float) -> float:
+        if not xs:
+            return 0.0
+        s = sorted(xs)
+        return s[min(len(s) - 1, int(q * len(s)))]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "hit_rate": self.hit_rate,
             "prefill_tokens": self.prefill_tokens,
             "prompt_tokens": self.prompt_tokens,
             "load_cv": self.load_cv,
+            "ttft_p50_s": self.pct(self.ttft_s, 0.5),
+            "ttft_p99_s": self.pct(self.ttft_s, 0.99),
+            "ttft_mean_s": statistics.fmean(self.ttft_s) if self.ttft_s else 0.0,
+            "queue_wait_p50_s": self.pct(self.queue_s, 0.5),
+            "queue_wait_p99_s": self.pct(self.queue_s, 0.99),
         }
 
 
@@ -79,8 +108,10 @@ class ClusterConfig:
     hash_algo: str = "sha256"
     hash_seed: str | None = None
     prefill_s_per_token: float = 3e-5  # ≈ 0.5 ms per 16-token block (8B model, H200)
+    cached_s_per_token: float = 0.0  # a prefix hit: nearly free
     decode_s: float = 2.0
     interarrival: float = 0.05
+    rate: float = 1.0  # arrival-rate multiplier for traces with times (t / rate)
 
 
 def simulate(
@@ -94,19 +125,22 @@ def simulate(
         raise InvalidInputError("engines and blocks_per_engine must be positive")
     hasher = BlockHasher(cfg.hash_algo, block_size=cfg.block_size, hash_seed=cfg.hash_seed)
     names = [f"engine{i}" for i in range(cfg.engines)]
-    wiring = _EventWiring(names, cfg) if policy == "prefix" else None
+    wiring = (
+        _EventWiring(names, cfg, ttft=policy == "ttft") if policy in ("prefix", "ttft") else None
+    )
     engines = [
         SimEngine(
             n, cfg.blocks_per_engine, cfg.block_size, wiring.publishers[i] if wiring else None
         )
         for i, n in enumerate(names)
     ]
-    choose = _policy(policy, engines, wiring)
+    busy = [0.0] * cfg.engines  # per engine: when its queued prefills are done
+    choose = _policy(policy, engines, wiring, busy, cfg)
     result = PolicyResult(policy, 0, 0, 0, 0)
     finishing: list[tuple[float, int, int, list[int]]] = []  # (time, order, engine, blocks)
     try:
         for i, req in enumerate(requests):
-            now = req.t if req.t is not None else i * cfg.interarrival
+            now = req.t / cfg.rate if req.t is not None else i * cfg.interarrival
             while finishing and finishing[0][0] <= now:
                 _, _, e, blocks = heapq.heappop(finishing)
                 engines[e].release(blocks)
@@ -122,8 +156,12 @@ def simulate(
             result.hit_tokens += hit
             result.prefill_tokens += len(req.token_ids) - hit
             result.overflow_blocks += adm.overflow
-            done = now + (len(req.token_ids) - hit) * cfg.prefill_s_per_token + cfg.decode_s
-            heapq.heappush(finishing, (done, i, e, adm.blocks))
+            start = max(now, busy[e])
+            prefill = _prefill_s(cfg, len(req.token_ids), hit)
+            busy[e] = start + prefill
+            result.queue_s.append(start - now)
+            result.ttft_s.append(start + prefill - now)
+            heapq.heappush(finishing, (start + prefill + cfg.decode_s, i, e, adm.blocks))
     finally:
         if wiring is not None:
             wiring.close()
@@ -134,7 +172,7 @@ def simulate(
 class _EventWiring:
     """Per engine a vLLM-compatible publisher, a subscriber, and one router over them all."""
 
-    def __init__(self, names: list[str], cfg: ClusterConfig) -> None:
+    def __init__(self, names: list[str], cfg: ClusterConfig, *, ttft: bool = False) -> None:
         self.ctx = zmq.Context()
         self.residency = ResidencyIndex()
         self.publishers: list[EventPublisher] = []
@@ -155,7 +193,10 @@ class _EventWiring:
             )
         configs = [EngineConfig(n, block_size=cfg.block_size, hash_algo=cfg.hash_algo,
                                 hash_seed=cfg.hash_seed) for n in names]  # fmt: skip
-        self.router = Router(configs, residency=self.residency)
+        # ttft: costs in blocks of prefill on both sides (load = queued prefill blocks), and no
+        # balance guard (the queue already prices an engine's backlog)
+        weights = {"load_weight": 1.0, "balance_rel": 1e12, "balance_abs": 1e12}
+        self.router = Router(configs, residency=self.residency, **(weights if ttft else {}))
 
     def sync(self, e: int) -> None:
         """Wait until engine ``e``'s last batch has been applied (deterministic replays; a
@@ -180,8 +221,16 @@ class _EventWiring:
         self.ctx.term()
 
 
+def _prefill_s(cfg: ClusterConfig, tokens: int, hit: int) -> float:
+    return (tokens - hit) * cfg.prefill_s_per_token + hit * cfg.cached_s_per_token
+
+
 def _policy(
-    name: str, engines: list[SimEngine], wiring: _EventWiring | None
+    name: str,
+    engines: list[SimEngine],
+    wiring: _EventWiring | None,
+    busy: list[float],
+    cfg: ClusterConfig,
 ) -> Callable[[SimRequest, list[int], float], int]:
     n = len(engines)
     if name == "round_robin":
@@ -204,8 +253,30 @@ def _policy(
                                                 -engines[e].active_blocks, -e))  # fmt: skip
 
         return oracle
+    if name == "ttft_oracle":
+
+        def ttft_oracle(req: SimRequest, keys: list[int], now: float) -> int:
+            toks, bs = len(req.token_ids), cfg.block_size
+            return min(range(n), key=lambda e: (
+                max(now, busy[e]) + _prefill_s(cfg, toks, engines[e].hit_blocks(keys, toks) * bs),
+                engines[e].active_blocks, e,
+            ))  # fmt: skip
+
+        return ttft_oracle
     assert wiring is not None
     index = {eng.name: i for i, eng in enumerate(engines)}
+    if name == "ttft":
+        # the router's cost, in one unit (blocks of prefill): this request's uncached blocks
+        # on the engine plus the engine's queued prefill work — its predicted TTFT
+        block_s = cfg.prefill_s_per_token * cfg.block_size
+
+        def ttft(req: SimRequest, keys: list[int], now: float) -> int:
+            queued = {eng.name: max(0.0, busy[i] - now) / block_s for i, eng in enumerate(engines)}
+            d = wiring.router.route_tokens(req.token_ids, loads=queued, cache_salt=req.cache_salt,
+                                           now=now)  # fmt: skip
+            return index[d.engine]
+
+        return ttft
 
     def prefix(req: SimRequest, keys: list[int], now: float) -> int:
         loads = {eng.name: float(eng.active_blocks) for eng in engines}
