@@ -181,9 +181,9 @@ def load_config(
         prefix = f"KVFORGE_{name.upper()}_"
         values = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
         _apply(getattr(cfg, name), name, values, "environment")
-    for name, values in (overrides or {}).items():
-        _apply(getattr(cfg, name), name, {k: v for k, v in values.items() if v is not None},
-               "command line")  # fmt: skip
+    for name, given in (overrides or {}).items():
+        flags = {k: v for k, v in given.items() if v is not None}
+        _apply(getattr(cfg, name), name, flags, "command line")
     cfg.engines = [_engine(i, e) for i, e in enumerate(raw.get("engines", []))]
     url = cfg.service.index_url
     if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):

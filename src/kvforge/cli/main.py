@@ -482,14 +482,14 @@ def simulate_cmd(
     for col in ("policy", "hit rate", "prefill tokens", "prompt tokens", "load CV",
                 "TTFT p50 (ms)", "TTFT p99 (ms)"):  # fmt: skip
         table.add_column(col, justify="left" if col == "policy" else "right")
-    for p, r in results.items():
-        j = r.to_json()
+    for p, res in results.items():
+        j = res.to_json()
         table.add_row(
             p,
-            f"{r.hit_rate:.1%}",
-            f"{r.prefill_tokens:,}",
-            f"{r.prompt_tokens:,}",
-            f"{r.load_cv:.2f}",
+            f"{res.hit_rate:.1%}",
+            f"{res.prefill_tokens:,}",
+            f"{res.prompt_tokens:,}",
+            f"{res.load_cv:.2f}",
             f"{j['ttft_p50_s'] * 1e3:,.1f}",
             f"{j['ttft_p99_s'] * 1e3:,.1f}",
         )

@@ -31,7 +31,7 @@ class EventPublisher:
         topic: str = "",
         buffer_steps: int = 10_000,
         data_parallel_rank: int = 0,
-        context: zmq.Context | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ):
         self._ctx = context or zmq.Context.instance()
         self.topic = topic.encode()
@@ -74,7 +74,7 @@ class EventPublisher:
             self._pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
         return seq
 
-    def _serve(self, router: zmq.Socket) -> None:
+    def _serve(self, router: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         try:

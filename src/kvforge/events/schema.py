@@ -251,7 +251,7 @@ def parse_batch(payload: bytes) -> KVEventBatch:
 def _all_u64(hs: list[HashValue]) -> bool:
     """Every hash an int in [0, 2^64) (msgpack ints never exceed it; int64 ones may be < 0)."""
     try:
-        lo = min(hs)  # type: ignore[type-var]
+        lo = min(hs)
     except TypeError:  # ints mixed with bytes
         return False
     return type(lo) is int and lo >= 0

@@ -60,7 +60,7 @@ class EventSubscriber:
         *,
         replay_endpoint: str | None = None,
         topic: str = "",
-        context: zmq.Context | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
         replay_timeout: float = 2.0,
         max_message_bytes: int = 16 * 1024 * 1024,
     ):

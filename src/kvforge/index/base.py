@@ -133,10 +133,17 @@ class BlockIndex(ABC):
 
     @abstractmethod
     def lookup(
-        self, tenant: str, seq: BlockSequence, *, exclude: str | None = None
+        self,
+        tenant: str,
+        seq: BlockSequence,
+        *,
+        exclude: str | None = None,
+        near_radius: int = 0,
+        spans: bool = False,
     ) -> LookupResult:
-        """Exact prefix holders and moved content for a query. O(query blocks + owners
-        reported); independent of the index size."""
+        """Exact prefix holders and moved content for a query; with ``near_radius`` the
+        near-duplicate blocks, with ``spans`` the moved spans at any alignment. O(query blocks
+        + owners reported); independent of the index size."""
 
     @abstractmethod
     def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:

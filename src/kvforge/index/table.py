@@ -56,16 +56,16 @@ class U64Table:
             cont = (v != EMPTY) & ~hit
             pending = pending[cont]
             slot[pending] = (s[cont] + 1) & mask
-        for i in pending.tolist():
-            key, s = keys[i], int(slot[i])
+        for i in pending.tolist():  # the last few probes, one key at a time
+            key, j = keys[i], int(slot[i])
             while True:
-                v = int(tvals[s])
-                if v == EMPTY:
+                val = int(tvals[j])
+                if val == EMPTY:
                     break
-                if v >= 0 and tkeys[s] == key:
-                    out[i] = s
+                if val >= 0 and tkeys[j] == key:
+                    out[i] = j
                     break
-                s = (s + 1) & mask
+                j = (j + 1) & mask
         return out
 
     def get(self, keys: np.ndarray) -> np.ndarray:

@@ -480,7 +480,7 @@ class PrefixWalk:
         return out
 
 
-def block_keys(tokens: array, block_size: int, secret: int) -> list[int]:
+def block_keys(tokens: array[int], block_size: int, secret: int) -> list[int]:
     """Keyed 64-bit content key of every full block of ``tokens`` (uint32): XXH3 of the block's
     bytes with a per-process secret seed. Per block in C, which beats numpy's per-call overhead
     on the small batches events carry; the router computes the same keys for its prompts."""

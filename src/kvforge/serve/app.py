@@ -521,7 +521,9 @@ def create_app(
         return {"requestBody": {"required": True, "content": {"application/json": {
             "schema": model.model_json_schema()}}}}  # fmt: skip
 
-    invalid = {422: {"description": "The body does not decode (FastAPI's error shape)."}}
+    invalid: dict[int | str, dict[str, Any]] = {
+        422: {"description": "The body does not decode (FastAPI's error shape)."}
+    }
 
     @app.post("/v1/match", dependencies=deps, response_class=Response,
               responses={**errors, **invalid}, openapi_extra=body_schema(MatchBody))  # fmt: skip

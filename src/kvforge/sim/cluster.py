@@ -195,8 +195,11 @@ class _EventWiring:
                                 hash_seed=cfg.hash_seed) for n in names]  # fmt: skip
         # ttft: costs in blocks of prefill on both sides (load = queued prefill blocks), and no
         # balance guard (the queue already prices an engine's backlog)
-        weights = {"load_weight": 1.0, "balance_rel": 1e12, "balance_abs": 1e12}
-        self.router = Router(configs, residency=self.residency, **(weights if ttft else {}))
+        self.router = (
+            Router(configs, residency=self.residency, load_weight=1.0, balance_rel=1e12,
+                   balance_abs=1e12)
+            if ttft else Router(configs, residency=self.residency)
+        )  # fmt: skip
 
     def sync(self, e: int) -> None:
         """Wait until engine ``e``'s last batch has been applied (deterministic replays; a
