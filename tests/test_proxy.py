@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import zmq
@@ -319,3 +320,42 @@ def test_a_dead_engine_costs_the_clients_nothing() -> None:
     assert stats["engines_up"]["e2"] is False and sum(stats["engines_up"].values()) == 3
     assert 'kvforge_engine_failures_total{engine="e2",kind="unreachable"}' in metrics
     assert "kvforge_proxy_retries_total" in metrics
+
+
+def test_the_engines_own_queue_steers_cold_prompts() -> None:
+    """An engine whose vLLM metrics report a long waiting queue (work this proxy did not
+    send) is priced by it: cold prompts go elsewhere; when its queue drains they return."""
+    from fastapi.testclient import TestClient
+
+    from kvforge.route.load import parse_vllm_metrics
+
+    tk = PromptTokenizer.qwen3()
+    queue = {"e0": 0, "e1": 0}
+    pubs = [EventPublisher("tcp://127.0.0.1:*", topic=f"kv{i}") for i in range(2)]
+    with ExitStack() as st:
+        urls = [st.enter_context(serve(standin_app(
+            SimEngine(f"e{i}", 4096, publisher=p), BlockHasher(), tk,
+            waiting=lambda i=i: queue[f"e{i}"],
+        ))) for i, p in enumerate(pubs)]  # fmt: skip
+        text = httpx.get(urls[0] + "/metrics").text
+        assert parse_vllm_metrics(text).waiting == 0
+        router = Router([EngineConfig(f"e{i}", url=u) for i, u in enumerate(urls)],
+                        speculative_ttl=0)  # fmt: skip
+        app_ = create_app(SyncMatcher(tokenizer=tk), router=router, scrape_interval=0.1)
+        with TestClient(app_) as c:
+
+            def ask(k: int) -> str:
+                msgs = [{"role": "user", "content": f"Cold prompt {k}. " + "words " * 200}]
+                r = c.post("/v1/chat/completions", json={"model": "m", "messages": msgs})
+                assert r.status_code == 200
+                return str(r.headers["x-kvforge-engine"])
+
+            ask(0)  # learns the prompt size
+            queue["e0"] = 40  # e0's own queue grows (other clients)
+            time.sleep(0.5)  # a few scrapes
+            assert {ask(k) for k in range(1, 9)} == {"e1"}
+            queue["e0"], queue["e1"] = 0, 40
+            time.sleep(0.5)
+            assert {ask(k) for k in range(9, 17)} == {"e0"}
+    for p in pubs:
+        p.close()

@@ -101,6 +101,9 @@ class RouterSection:
     # Name of the variable holding a secret: when set, every routed or proxied request of a
     # tenant gets a cache_salt derived from it and the tenant (tenants never share KV blocks).
     tenant_salt_env: str | None = None
+    # seconds between reads of each engine's /metrics (vLLM's waiting requests priced into
+    # its load); 0 turns it off
+    scrape_interval: float = 2.0
 
 
 @dataclass

@@ -39,6 +39,7 @@ from kvforge.events.subscriber import EventSubscriber
 from kvforge.match import SyncMatcher
 from kvforge.persist import Snapshotter
 from kvforge.route import Router
+from kvforge.route.load import LoadScraper
 from kvforge.route.tenancy import TenantSalt
 from kvforge.serve.bodies import BodyError, MatchStruct, RouteStruct, decode
 from kvforge.serve.proxy import Proxy, add_proxy
@@ -373,6 +374,7 @@ def create_app(
     expose_decisions: bool = False,
     tenant_salt: TenantSalt | None = None,
     recorder: Recorder | None = None,
+    scrape_interval: float = 0.0,
 ) -> FastAPI:
     """The service. With a ``router`` whose engines have URLs it also proxies the OpenAI API;
     with ``subscribe`` it starts a KV-event subscriber per engine that has an ``events``
@@ -380,7 +382,8 @@ def create_app(
     cached blocks, scores and reason, and the proxy sends them in headers (they tell any
     caller whether a prompt is cached somewhere). ``tenant_salt``: each tenant's routed and
     proxied requests get their own cache_salt. ``recorder``: every proxied request is written
-    as a trace line (closed on shutdown)."""
+    as a trace line (closed on shutdown). ``scrape_interval`` > 0: the engines' own metrics
+    (vLLM's waiting requests) are read that often and priced into their load."""
     m = matcher if matcher is not None else SyncMatcher()
     metrics = _Metrics()
     metrics.registry.register(_BackendCollector(m, router))
@@ -404,9 +407,13 @@ def create_app(
                     subs.append(sub.start())
         if snapshotter is not None:
             snapshotter.start()
+        if "scraper" in resources:
+            resources["scraper"].start()
         try:
             yield
         finally:
+            if "scraper" in resources:
+                resources["scraper"].stop()
             if snapshotter is not None:
                 snapshotter.stop()  # a last save on a clean shutdown
             for sub in subs:
@@ -603,9 +610,13 @@ def create_app(
         return Response(_json.encode(out), media_type="application/json")
 
     if router is not None and any(e.url for e in router.engines.values()):
+        scraper = None
+        if scrape_interval > 0:
+            urls = {n: e.url for n, e in router.engines.items() if e.url}
+            scraper = resources["scraper"] = LoadScraper(urls, interval=scrape_interval)
         proxy = add_proxy(
             app, m, router, deps, tenant, expose_decisions=expose_decisions,
-            tenant_salt=tenant_salt, recorder=recorder,
+            tenant_salt=tenant_salt, recorder=recorder, scraper=scraper,
         )  # fmt: skip
         resources["client"] = proxy.client
         resources["proxy"] = proxy

@@ -76,6 +76,7 @@ def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
         expose_decisions=rc.expose_decisions,
         tenant_salt=TenantSalt.from_env(rc.tenant_salt_env) if rc.tenant_salt_env else None,
         recorder=_recorder(cfg),
+        scrape_interval=rc.scrape_interval,
     )
 
 

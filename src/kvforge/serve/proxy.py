@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kvforge.match import SyncMatcher
 from kvforge.route import RouteDecision, Router
+from kvforge.route.load import LoadScraper
 from kvforge.route.tenancy import DEFAULT_TENANT, TenantSalt
 from kvforge.serve.record import Recorder
 from kvforge.tokenize import ChatOptions, TokenizedPrompt
@@ -161,6 +162,7 @@ def add_proxy(
     expose_decisions: bool = False,
     tenant_salt: TenantSalt | None = None,
     recorder: Recorder | None = None,
+    scraper: LoadScraper | None = None,
 ) -> Proxy:
     """Add the two endpoints; returns the upstream client (the app closes it on shutdown),
     the engines' health and the claim accuracy. ``tenant`` is the service's ``X-Tenant``
@@ -169,25 +171,41 @@ def add_proxy(
 
     Failures: a request whose engine fails before its response starts (unreachable, timed
     out, a 5xx status) is sent once more, to the next-best engine of the same decision; an
-    engine that keeps failing is taken out of rotation until a probe succeeds."""
+    engine that keeps failing is taken out of rotation until a probe succeeds.
+
+    Load: the prompt blocks this proxy has in flight on each engine, plus — with a
+    ``scraper`` of the engines' own metrics — their waiting requests priced at the mean prompt
+    size seen here (work queued by other routers or direct clients)."""
     engines = {n: e for n, e in router.engines.items() if e.url}
     inflight = _InFlight()
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
     state = Proxy(client, EngineHealth(list(engines)))
     health, claims = state.health, state.claims
 
+    mean_blocks = [0.0]  # running mean of prompt blocks (prices a waiting request)
+
+    def loads() -> dict[str, float]:
+        out = inflight.loads()
+        if scraper is not None and mean_blocks[0]:
+            now = time.monotonic()
+            for e in engines:
+                out[e] = out.get(e, 0.0) + scraper.waiting(e, now) * mean_blocks[0]
+        return out
+
     def decide(tp: TokenizedPrompt, body: dict[str, Any], t: str | None) -> RouteDecision:
         model = body.get("model")
         lora = model if isinstance(model, str) and model in _loras(router) else None
         usable = health.usable(list(engines), time.monotonic())
-        return router.route(
+        d = router.route(
             tp,
-            loads=inflight.loads(),
+            loads=loads(),
             cache_salt=body.get("cache_salt"),
             lora=lora,
             engines=usable,
             tenant=t,
         )
+        mean_blocks[0] += (d.num_blocks - mean_blocks[0]) * (0.05 if mean_blocks[0] else 1.0)
+        return d
 
     def next_best(d: RouteDecision, tried: set[str]) -> RouteDecision | None:
         left = [

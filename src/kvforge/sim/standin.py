@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvforge.blocks import BlockHasher, BlockSequence
 from kvforge.sim.engine import SimEngine
@@ -25,7 +25,15 @@ from kvforge.tokenize import ChatOptions, PromptTokenizer
 REPLY = ["Sure", ",", " done", "."]
 
 
-def standin_app(engine: SimEngine, hasher: BlockHasher, tokenizer: PromptTokenizer) -> FastAPI:
+def standin_app(
+    engine: SimEngine,
+    hasher: BlockHasher,
+    tokenizer: PromptTokenizer,
+    *,
+    waiting: Callable[[], int] | None = None,
+) -> FastAPI:
+    """``waiting``: the queue the stand-in reports in its metrics (it answers instantly, so
+    it has none of its own; tests give it one)."""
     app = FastAPI(title=f"kvforge engine stand-in {engine.name}")
 
     def admit(token_ids: tuple[int, ...], salt: str | None) -> int:
@@ -99,6 +107,20 @@ def standin_app(engine: SimEngine, hasher: BlockHasher, tokenizer: PromptTokeniz
             tp = tokenizer.tokenize(body["prompt"])
         return {"count": len(tp), "max_model_len": 32768, "tokens": list(tp.token_ids),
                 "token_strs": None}  # fmt: skip
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """vLLM's gauges, by their names."""
+        usage = engine.active_blocks / engine.usable_blocks
+        text = (
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="standin"}} {engine.running}\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="standin"}} {waiting() if waiting else 0}\n'
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f'vllm:kv_cache_usage_perc{{model_name="standin"}} {usage}\n'
+        )
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
