@@ -91,3 +91,26 @@ def test_router_privacy_switches(tmp_path: Path) -> None:
     # a configured secret that is missing stops the service before it serves anything
     with pytest.raises(InvalidInputError, match="KVF_TEST_SALT"):
         build_app(c)
+
+
+def test_ttft_policy_and_tier_weight_from_the_config(tmp_path: Path) -> None:
+    """policy = "ttft" prices queued work like uncached prefill (both in blocks); "prefix"
+    lets a long cached prefix win over a queue."""
+    from kvforge import PromptTokenizer
+    from kvforge.blocks import BlockHasher, chain_keys
+    from kvforge.serve.factory import build_router
+
+    prompt = list(range(100, 100 + 16 * 10 + 1))
+    chosen = {}
+    for policy in ("ttft", "prefix"):
+        cfg = tmp_path / f"{policy}.toml"
+        cfg.write_text(f'[router]\npolicy = "{policy}"\ncpu_tier_weight = 0.5\n'
+                       '[[engines]]\nname = "e0"\n[[engines]]\nname = "e1"\n')  # fmt: skip
+        router = build_router(load_config(cfg, env={}), PromptTokenizer.qwen3())
+        assert router is not None and router.residency.tier_weights["CPU"] == 0.5
+        router.residency.store("e0", chain_keys(BlockHasher().chain(prompt)).tolist())
+        # e0 holds the prompt's 10 blocks but has 50 blocks of prefill queued
+        chosen[policy] = router.route_tokens(prompt, loads={"e0": 50.0}, speculate=False).engine
+    assert chosen == {"ttft": "e1", "prefix": "e0"}
+    with pytest.raises(InvalidInputError, match="prefix or ttft"):
+        load_config(None, env={"KVFORGE_ROUTER_POLICY": "fastest"})

@@ -104,6 +104,11 @@ class RouterSection:
     # seconds between reads of each engine's /metrics (vLLM's waiting requests priced into
     # its load); 0 turns it off
     scrape_interval: float = 2.0
+    # "prefix" (cached prefix first, load as a tie-breaker: load_weight) or "ttft" (the lowest
+    # predicted time to first token: uncached prefill plus queued work, in one unit)
+    policy: str = "prefix"
+    # what a block held in CPU memory (vLLM's offloading connector) is worth against GPU
+    cpu_tier_weight: float = 0.8
 
 
 @dataclass
@@ -192,6 +197,10 @@ def load_config(
     if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
         raise InvalidInputError(
             f"config: [service].index_url must be memory:// or redis://… (got {url!r})"
+        )
+    if cfg.router.policy not in ("prefix", "ttft"):
+        raise InvalidInputError(
+            f"config: [router].policy must be prefix or ttft (got {cfg.router.policy!r})"
         )
     if cfg.service.workers < 1:
         raise InvalidInputError("config: [service].workers must be at least 1")

@@ -457,7 +457,7 @@ def simulate_cmd(
         reqs = []
         for r in read_trace(trace):
             tp = tk.tokenize(r.prompt, tools=r.tools, chat=r.chat)
-            reqs.append(SimRequest(r.agent_id, tp.token_ids, r.cache_salt, r.t))
+            reqs.append(SimRequest(r.agent_id, tp.token_ids, r.cache_salt, r.t, r.output_length))
         cfg = ClusterConfig(
             engines=engines,
             blocks_per_engine=blocks_per_engine,

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from kvforge.config import Config, load_config
 from kvforge.errors import InvalidInputError
+from kvforge.route import Router
 from kvforge.route.tenancy import TenantSalt
 from kvforge.serve.record import Recorder
 
@@ -39,26 +40,24 @@ def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
     """Matcher, router (when engines are configured), snapshotter and the app. ``announce``
     gets one line of news (e.g. how much a snapshot restored)."""
     from kvforge.match import SyncMatcher
-    from kvforge.route import Router
-    from kvforge.route.shared import open_residency
     from kvforge.serve.app import create_app
 
     mc, sc, rc = cfg.matcher, cfg.service, cfg.router
     token = api_token(cfg)
     matcher = SyncMatcher(
-        block_size=mc.block_size, hash_algo=mc.hash_algo, hash_seed=mc.hash_seed,
-        tokenizer=mc.tokenizer, near_radius=mc.near_radius,
-        max_prompt_chars=mc.max_prompt_chars, max_prompt_tokens=mc.max_prompt_tokens,
-        max_agents_per_tenant=mc.max_agents_per_tenant, max_tenants=mc.max_tenants,
-        max_blocks=mc.max_blocks, index=sc.index_url,
-    )  # fmt: skip
-    router = (
-        Router(cfg.engines, residency=open_residency(sc.index_url), tokenizer=matcher.tokenizer,
-               prefill_weight=rc.prefill_weight, load_weight=rc.load_weight,
-               balance_rel=rc.balance_rel, balance_abs=rc.balance_abs,
-               speculative_ttl=rc.speculative_ttl, stale_after=rc.stale_after)
-        if cfg.engines else None
-    )  # fmt: skip
+        block_size=mc.block_size,
+        hash_algo=mc.hash_algo,
+        hash_seed=mc.hash_seed,
+        tokenizer=mc.tokenizer,
+        near_radius=mc.near_radius,
+        max_prompt_chars=mc.max_prompt_chars,
+        max_prompt_tokens=mc.max_prompt_tokens,
+        max_agents_per_tenant=mc.max_agents_per_tenant,
+        max_tenants=mc.max_tenants,
+        max_blocks=mc.max_blocks,
+        index=sc.index_url,
+    )
+    router = build_router(cfg, matcher.tokenizer)
     snapshotter = None
     if sc.snapshot_path:
         from kvforge.persist import Snapshotter
@@ -86,8 +85,35 @@ def _recorder(cfg: Config) -> Recorder | None:
         return None
     # one file per worker process: rotation is not shared between processes
     path = sc.record_path if sc.workers == 1 else f"{sc.record_path}.{os.getpid()}"
-    return Recorder(path, max_bytes=sc.record_max_bytes, keep=sc.record_keep,
-                    redact=sc.record_redact)  # fmt: skip
+    return Recorder(
+        path, max_bytes=sc.record_max_bytes, keep=sc.record_keep, redact=sc.record_redact
+    )
+
+
+def build_router(cfg: Config, tokenizer: Any) -> Router | None:
+    """The router of the configured engines (None without engines)."""
+    from kvforge.route.shared import open_residency
+
+    rc, sc = cfg.router, cfg.service
+    tiers = {"GPU": 1.0, "CPU": rc.cpu_tier_weight}
+    # ttft: both cost terms in blocks of prefill (load = queued prompt blocks), summed as they
+    # come, no balance guard (the queue already prices an engine's backlog)
+    ttft = rc.policy == "ttft"
+    return (
+        Router(
+            cfg.engines,
+            residency=open_residency(sc.index_url, tiers),
+            tokenizer=tokenizer,
+            prefill_weight=1.0 if ttft else rc.prefill_weight,
+            load_weight=1.0 if ttft else rc.load_weight,
+            balance_rel=1e12 if ttft else rc.balance_rel,
+            balance_abs=1e12 if ttft else rc.balance_abs,
+            speculative_ttl=rc.speculative_ttl,
+            stale_after=rc.stale_after,
+        )
+        if cfg.engines
+        else None
+    )
 
 
 def serve_args(config: str | None, overrides: dict[str, dict[str, Any]]) -> str:

@@ -5,8 +5,9 @@ engine prefills one request at a time, in arrival order: a request waits for the
 earlier prefills (queue wait), then takes ``uncached_tokens × prefill_s_per_token +
 cached_tokens × cached_s_per_token`` (the profile: defaults from an 8B model on an H200,
 ~0.5 ms per uncached 16-token block, prefix hits nearly free); its time to first token (TTFT)
-is wait + prefill. It then decodes for ``decode_s`` (continuous batching: decoding does not
-hold up other prefills) and holds its KV blocks until it finishes.
+is wait + prefill. It then decodes — ``output_tokens × decode_s_per_token``, or ``decode_s``
+when the trace does not say (continuous batching: decoding does not hold up other
+prefills) — and holds its KV blocks until it finishes.
 Policies:
 
 * ``round_robin``; ``least_load`` (fewest KV blocks in use);
@@ -56,6 +57,7 @@ class SimRequest:
     token_ids: tuple[int, ...]
     cache_salt: str | None = None
     t: float | None = None
+    output_tokens: int | None = None  # decode length, when the trace says
 
 
 @dataclass
@@ -109,7 +111,8 @@ class ClusterConfig:
     hash_seed: str | None = None
     prefill_s_per_token: float = 3e-5  # ≈ 0.5 ms per 16-token block (8B model, H200)
     cached_s_per_token: float = 0.0  # a prefix hit: nearly free
-    decode_s: float = 2.0
+    decode_s: float = 2.0  # per request whose output length is unknown
+    decode_s_per_token: float = 0.02  # otherwise: its output tokens at this pace
     interarrival: float = 0.05
     rate: float = 1.0  # arrival-rate multiplier for traces with times (t / rate)
 
@@ -161,7 +164,9 @@ def simulate(
             busy[e] = start + prefill
             result.queue_s.append(start - now)
             result.ttft_s.append(start + prefill - now)
-            heapq.heappush(finishing, (start + prefill + cfg.decode_s, i, e, adm.blocks))
+            decode = (cfg.decode_s if req.output_tokens is None
+                      else req.output_tokens * cfg.decode_s_per_token)  # fmt: skip
+            heapq.heappush(finishing, (start + prefill + decode, i, e, adm.blocks))
     finally:
         if wiring is not None:
             wiring.close()
