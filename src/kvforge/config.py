@@ -26,6 +26,7 @@ engines come from the file only. Every error names the field::
     [router]
     load_weight = 0.1
     speculative_ttl = 2.0
+    # policy = "ttft"                     # or "prefix" (the default)
     # expose_decisions = true            # cached blocks in /v1/route and the proxy's headers
     # tenant_salt_env = "KVFORGE_TENANT_SALT"   # a per-tenant cache_salt on every request
 
