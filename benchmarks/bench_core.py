@@ -268,16 +268,23 @@ def bench_tokenize_repeated(tk: PromptTokenizer, paras: list[str], reps: int) ->
     rnd = random.Random(1)
     system = make_text(paras, tk, 5000, rnd)
     tools = [
-        {"type": "function", "function": {"name": f"tool{i}",
-         "description": make_text(paras, tk, 100, rnd)[:600],
-         "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool{i}",
+                "description": make_text(paras, tk, 100, rnd)[:600],
+                "parameters": {"type": "object", "properties": {"x": {"type": "string"}}},
+            },
+        }
         for i in range(8)
-    ]  # fmt: skip
+    ]
     reqs = [
-        [{"role": "system", "content": system},
-         {"role": "user", "content": make_text(paras, tk, 2000, random.Random(100 + i))}]
+        [
+            {"role": "system", "content": system},
+            {"role": "user", "content": make_text(paras, tk, 2000, random.Random(100 + i))},
+        ]
         for i in range(reps)
-    ]  # fmt: skip
+    ]
     tk.encode_chat(reqs[0], tools=tools, scope="bench")  # the system prompt was seen before
     hf_t, ours_t = [], []
     for r in reqs:

@@ -118,31 +118,51 @@ def bench_tenant_cost(n: int = 3000) -> list[str]:
 
 def bench_http() -> list[str]:
     m = SyncMatcher(max_prompt_tokens=200_000, max_prompt_chars=1_000_000)
-    router = Router([EngineConfig("e0", url="http://127.0.0.1:9"), EngineConfig("e1")],
-                    speculative_ttl=0)  # fmt: skip
-    c = TestClient(create_app(m, router=router, subscribe=False, max_body_bytes=2_000_000),
-                   raise_server_exceptions=False)  # fmt: skip
+    router = Router(
+        [EngineConfig("e0", url="http://127.0.0.1:9"), EngineConfig("e1")], speculative_ttl=0
+    )
+    c = TestClient(
+        create_app(m, router=router, subscribe=False, max_body_bytes=2_000_000),
+        raise_server_exceptions=False,
+    )
     c.post("/v1/index", json={"agent_id": "base", "token_ids": list(range(100, 1100))})
     before = (m.agents(), m.stats()["blocks"])
     bodies = [
-        '{"token_ids": [NaN]}', '{"token_ids": [1e400]}', '{"token_ids": [-1]}',
-        '{"token_ids": [4294967296]}', '{"token_ids": [1.0]}', '{"token_ids": [true]}',
-        '{"token_ids": ["1"]}', '{"token_ids": [99999999999999999999999]}',
-        '{"prompt": "a\\udc00"}', '{"prompt": "a\\u0000b"}',
+        '{"token_ids": [NaN]}',
+        '{"token_ids": [1e400]}',
+        '{"token_ids": [-1]}',
+        '{"token_ids": [4294967296]}',
+        '{"token_ids": [1.0]}',
+        '{"token_ids": [true]}',
+        '{"token_ids": ["1"]}',
+        '{"token_ids": [99999999999999999999999]}',
+        '{"prompt": "a\\udc00"}',
+        '{"prompt": "a\\u0000b"}',
         '{"messages": [{"role": "user", "content": "x\\ud800"}]}',
         '{"messages": [{"role": "user", "content": 5}]}',
         '{"messages": [{"role": "user", "tool_calls": 5}]}',
         '{"messages": [{"role": "user", "tool_calls": ["x"]}]}',
         '{"messages": [{"role": "user", "tool_calls": [{"function": 5}]}]}',
-        '{"messages": []}', '{"messages": [5]}', '{"prompt": ""}', '{"prompt": null}', "{}", "[]",
-        "null", '{"prompt": "a", "cache_sal": "x"}', '{"prompt": "a", "cache_salt": "s\\udc00"}',
-        '{"prompt": "a", "cache_salt": "a/b"}', '{"prompt": "a", "lora_name": "x"}',
-        '{"prompt": "a", "loads": {"e0": NaN}}', '{"prompt": "a", "loads": {"e0": 1e400}}',
+        '{"messages": []}',
+        '{"messages": [5]}',
+        '{"prompt": ""}',
+        '{"prompt": null}',
+        "{}",
+        "[]",
+        "null",
+        '{"prompt": "a", "cache_sal": "x"}',
+        '{"prompt": "a", "cache_salt": "s\\udc00"}',
+        '{"prompt": "a", "cache_salt": "a/b"}',
+        '{"prompt": "a", "lora_name": "x"}',
+        '{"prompt": "a", "loads": {"e0": NaN}}',
+        '{"prompt": "a", "loads": {"e0": 1e400}}',
         '{"prompt": "a", "exclude_agent": ""}',
-        *(json.dumps({"prompt": p}) if isinstance(p, str) else json.dumps({"token_ids": p})
-          for p in LOW_ENTROPY.values()),
+        *(
+            json.dumps({"prompt": p}) if isinstance(p, str) else json.dumps({"token_ids": p})
+            for p in LOW_ENTROPY.values()
+        ),
         '{"prompt": "' + "x" * 1_500_000 + '"}',
-    ]  # fmt: skip
+    ]
     cases: list[tuple[str, str, dict[str, object]]] = []
     for path in ("/v1/index", "/v1/match", "/v1/prefix-hash", "/v1/route"):
         for b in bodies:
@@ -155,12 +175,18 @@ def bench_http() -> list[str]:
         ("DELETE", "/v1/agents/" + "x" * 5000, {}),
         ("GET", "/v1/agents", {"headers": {"X-Tenant": "x" * 300}}),
         ("GET", "/v1/agents", {"headers": [("X-Tenant", "a"), ("X-Tenant", "b")]}),
-        ("POST", "/v1/chat/completions",
-         {"content": '{"model": [1], "messages": [{"role": "user", "content": "hi"}]}'}),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"content": '{"model": [1], "messages": [{"role": "user", "content": "hi"}]}'},
+        ),
         ("POST", "/v1/chat/completions", {"content": big_chat}),
-        ("POST", "/v1/completions",
-         {"content": '{"model": "m", "prompt": ' + json.dumps(list(range(300_000))) + "}"}),
-    ]  # fmt: skip
+        (
+            "POST",
+            "/v1/completions",
+            {"content": '{"model": "m", "prompt": ' + json.dumps(list(range(300_000))) + "}"},
+        ),
+    ]
     codes: dict[int, int] = {}
     server_errors = 0
     longest = 0.0

@@ -88,10 +88,14 @@ def dynamo_events(prompts: list[dict[str, Any]], frames: list[Any]) -> list[tupl
         for ev in decode_batch(fr[2]).events:
             event_id += 1
             if isinstance(ev, BlockStored):
-                data: dict[str, Any] = {"stored": {
-                    "parent_hash": ev.parent_block_hash,
-                    "blocks": [{"block_hash": h, "tokens_hash": local[h]} for h in ev.block_hashes],
-                }}  # fmt: skip
+                data: dict[str, Any] = {
+                    "stored": {
+                        "parent_hash": ev.parent_block_hash,
+                        "blocks": [
+                            {"block_hash": h, "tokens_hash": local[h]} for h in ev.block_hashes
+                        ],
+                    }
+                }
             else:
                 data = {"removed": {"block_hashes": ev.block_hashes}}
             out.append((e, json.dumps({"event_id": event_id, "data": data}).encode()))
@@ -119,10 +123,12 @@ def main() -> None:
     res = ResidencyIndex()
     # as in the service: the router exists (and has told the residency each engine's hash
     # group) before the first event arrives
-    router = Router([EngineConfig(f"e{e}") for e in range(engines)], residency=res,
-                    speculative_ttl=0)  # fmt: skip
-    subs = {e: EventSubscriber(f"e{e}", "tcp://127.0.0.1:1", res, topic="kv")
-            for e in range(engines)}  # fmt: skip
+    router = Router(
+        [EngineConfig(f"e{e}") for e in range(engines)], residency=res, speculative_ttl=0
+    )
+    subs = {
+        e: EventSubscriber(f"e{e}", "tcp://127.0.0.1:1", res, topic="kv") for e in range(engines)
+    }
     t0 = time.perf_counter()
     for e, fr, _ in frames:
         subs[e].handle(fr)
@@ -151,8 +157,10 @@ def main() -> None:
     print("\n(ratio: the other's time over kvforge's; > 1 means kvforge is faster)\n")
 
     # ---- route -------------------------------------------------------------------------------
-    queries = [p["tokens"] + rng.integers(0, VOCAB, 8192 - len(p["tokens"])).tolist()
-               for p in prompts[-20:]]  # fmt: skip
+    queries = [
+        p["tokens"] + rng.integers(0, VOCAB, 8192 - len(p["tokens"])).tolist()
+        for p in prompts[-20:]
+    ]
     ours, theirs = [], []
     for _ in range(5):
         for q in queries:

@@ -47,10 +47,23 @@ def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
-         "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            directory,
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+        ],
         stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
@@ -84,8 +97,10 @@ def bench_index_and_match(url: str, n_blocks: int, reps: int) -> list[str]:
             m.index_prompt(f"agent{a}", p)
         dt = time.perf_counter() - t
         blocks = agents * 512
-        rows_index.append(f"| {label} | {agents:,} | {blocks:,} | {dt:.1f} | "
-                          f"{agents / dt:,.0f} | {blocks / dt:,.0f} |")  # fmt: skip
+        rows_index.append(
+            f"| {label} | {agents:,} | {blocks:,} | {dt:.1f} | "
+            f"{agents / dt:,.0f} | {blocks / dt:,.0f} |"
+        )
         matchers[label] = m
         del prompts
     # a second process's replica: it starts empty and rebuilds from Redis on first use
@@ -135,7 +150,7 @@ def bench_index_and_match(url: str, n_blocks: int, reps: int) -> list[str]:
             ("redis, another process wrote just before", peer, peer_write(0.0), "w"),
             # the usual case: the follower thread applied the write before the query came
             ("redis, another process wrote 50 ms before", peer, peer_write(0.05), "w"),
-        ]  # fmt: skip
+        ]
         for label, m, before, ref in cases:
             m.near_radius, m.find_spans = (2, True) if full else (0, False)
             tp = m.tokenizer.encode_ids(q)
@@ -153,10 +168,12 @@ def bench_index_and_match(url: str, n_blocks: int, reps: int) -> list[str]:
     conn.send(False)
     proc.join(10)
     used = redis.Redis.from_url(url).info("memory")["used_memory"]
-    info = [f"A new replica (another process) rebuilt {agents * 512:,} blocks from Redis "
-            f"in {warm:.1f} s. Redis holds them in {used / 2**20:,.0f} MiB "
-            f"({used / (agents * 512):.0f} B per indexed block: the tokens, 64 B, plus the "
-            "hash and feed overhead)."]  # fmt: skip
+    info = [
+        f"A new replica (another process) rebuilt {agents * 512:,} blocks from Redis "
+        f"in {warm:.1f} s. Redis holds them in {used / 2**20:,.0f} MiB "
+        f"({used / (agents * 512):.0f} B per indexed block: the tokens, 64 B, plus the "
+        "hash and feed overhead)."
+    ]
     return [*rows_index, "", *rows, "", *info]
 
 
@@ -184,11 +201,21 @@ def _batches(n: int, rng: np.random.Generator) -> list[KVEventBatch]:
     out = []
     for _ in range(n):
         hashes = rng.integers(0, 2**63, 32).tolist()
-        out.append(KVEventBatch(time.time(), [
-            BlockStored(block_hashes=hashes, token_ids=rng.integers(0, VOCAB, 512).tolist(),
-                        block_size=16, medium="GPU"),
-            *[BlockRemoved(block_hashes=[h], medium="GPU") for h in hashes[:8]],
-        ], 0))  # fmt: skip
+        out.append(
+            KVEventBatch(
+                time.time(),
+                [
+                    BlockStored(
+                        block_hashes=hashes,
+                        token_ids=rng.integers(0, VOCAB, 512).tolist(),
+                        block_size=16,
+                        medium="GPU",
+                    ),
+                    *[BlockRemoved(block_hashes=[h], medium="GPU") for h in hashes[:8]],
+                ],
+                0,
+            )
+        )
     return out
 
 
@@ -211,15 +238,17 @@ def bench_events(url: str, n: int) -> list[str]:
     for b in batches:
         ingest.apply("e0", b)
     dt = time.perf_counter() - t
-    rows.append(f"| redis | ingest (lease + XADD per batch) | {n:,} | {blocks / dt:,.0f} | "
-                f"{n / dt:,.0f} |")  # fmt: skip
+    rows.append(
+        f"| redis | ingest (lease + XADD per batch) | {n:,} | {blocks / dt:,.0f} | {n / dt:,.0f} |"
+    )
     replica = SharedResidency(base, prefix=prefix, snapshot_every=10**9)
     t = time.perf_counter()
     replica.refresh()
     dt = time.perf_counter() - t
     assert replica.engine("e0").counts == mem.engine("e0").counts
-    rows.append(f"| redis | another replica catching up | {n:,} | {blocks / dt:,.0f} | "
-                f"{n / dt:,.0f} |")  # fmt: skip
+    rows.append(
+        f"| redis | another replica catching up | {n:,} | {blocks / dt:,.0f} | {n / dt:,.0f} |"
+    )
     return rows
 
 
@@ -237,8 +266,11 @@ def bench_route(url: str, n_blocks: int, reps: int) -> list[str]:
         events.append((f"e{i % 8}", KVEventBatch(0.0, [ev], 0)))
     half = prompts[1][:4096] + tuple(rng.integers(0, VOCAB, 4096).tolist())
     cold = tuple(rng.integers(0, VOCAB, 8192).tolist())
-    cases = [("fully cached on one engine", prompts[0]), ("half cached", half),
-             ("cached nowhere", cold)]  # fmt: skip
+    cases = [
+        ("fully cached on one engine", prompts[0]),
+        ("half cached", half),
+        ("cached nowhere", cold),
+    ]
     rows = [
         "| backend | prompt | cached blocks | p50 (ms) | p99 (ms) | vs memory (p50) |",
         "|---|---|---:|---:|---:|---:|",
@@ -264,8 +296,10 @@ def bench_route(url: str, n_blocks: int, reps: int) -> list[str]:
             expect = base_blocks.setdefault(case, d.cached_blocks)
             assert d.cached_blocks == expect, (label, case, d.cached_blocks)  # never degraded
             base.setdefault(case, float(np.median(lat)))
-            rows.append(f"| {label} | {case} | {d.cached_blocks} | {pct(lat)} | "
-                        f"{np.median(lat) / base[case]:.2f}x |")  # fmt: skip
+            rows.append(
+                f"| {label} | {case} | {d.cached_blocks} | {pct(lat)} | "
+                f"{np.median(lat) / base[case]:.2f}x |"
+            )
     return rows
 
 

@@ -30,11 +30,17 @@ def bench_ingest(n_batches: int) -> list[str]:
     for seq in range(n_batches):
         hashes = rng.integers(0, 2**63, 32).tolist()
         events = [
-            BlockStored(block_hashes=hashes, parent_block_hash=None,
-                        token_ids=rng.integers(0, VOCAB, 32 * 16).tolist(), block_size=16,
-                        medium="GPU", extra_keys=[None] * 32, group_idx=0),
+            BlockStored(
+                block_hashes=hashes,
+                parent_block_hash=None,
+                token_ids=rng.integers(0, VOCAB, 32 * 16).tolist(),
+                block_size=16,
+                medium="GPU",
+                extra_keys=[None] * 32,
+                group_idx=0,
+            ),
             *[BlockRemoved(block_hashes=[h], medium="GPU", group_idx=0) for h in hashes[:8]],
-        ]  # fmt: skip
+        ]
         blocks += 32 + 8
         payload = encode_batch(KVEventBatch(time.time(), events, 0))
         frames.append([b"kv@e0@m", seq.to_bytes(8, "big"), payload])
@@ -65,15 +71,22 @@ def bench_route(reps: int) -> list[str]:
         prompts = [tuple(rng.integers(0, VOCAB, 8192).tolist()) for _ in range(n_engines)]
         half = prompts[1][:4096] + tuple(rng.integers(0, VOCAB, 4096).tolist())
         cold = tuple(rng.integers(0, VOCAB, 8192).tolist())
-        cases = [("fully cached on one engine", prompts[0]), ("half cached", half),
-                 ("cached nowhere", cold)]  # fmt: skip
+        cases = [
+            ("fully cached on one engine", prompts[0]),
+            ("half cached", half),
+            ("cached nowhere", cold),
+        ]
         for with_tokens in (True, False):
             router = Router([EngineConfig(f"e{i}") for i in range(n_engines)])
             for i, p in enumerate(prompts):
                 keys = chain_keys(BlockHasher().chain(p)).tolist()
-                ev = BlockStored(block_hashes=keys, parent_block_hash=None,
-                                 token_ids=list(p) if with_tokens else [], block_size=16,
-                                 medium="GPU")  # fmt: skip
+                ev = BlockStored(
+                    block_hashes=keys,
+                    parent_block_hash=None,
+                    token_ids=list(p) if with_tokens else [],
+                    block_size=16,
+                    medium="GPU",
+                )
                 router.residency.apply(f"e{i}", KVEventBatch(0.0, [ev], 0))
             modes = (
                 ["block tree (memo cold)"] if with_tokens else ["hash memo warm", "hash memo cold"]
@@ -108,9 +121,10 @@ def bench_sim(pipelines: int) -> list[str]:
     ]
     for n_engines in (4, 8):
         for blocks in (100_000, 2_000):
-            res = {p: simulate(reqs, p, ClusterConfig(engines=n_engines,
-                                                      blocks_per_engine=blocks))
-                   for p in POLICIES}  # fmt: skip
+            res = {
+                p: simulate(reqs, p, ClusterConfig(engines=n_engines, blocks_per_engine=blocks))
+                for p in POLICIES
+            }
             oracle = res["oracle"].hit_rate
             for p, r in res.items():
                 rows.append(
@@ -140,8 +154,10 @@ def bench_ttft(pipelines: int) -> list[str]:
         "mean vs ttft_oracle | hit rate |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, reqs, rate in (("shaped, rate x8", shaped, 8.0), ("bursty fan-out, rate x8",
-                                                                  bursty, 8.0)):  # fmt: skip
+    for name, reqs, rate in (
+        ("shaped, rate x8", shaped, 8.0),
+        ("bursty fan-out, rate x8", bursty, 8.0),
+    ):
         cfg = ClusterConfig(engines=4, blocks_per_engine=100_000, rate=rate)
         res = {p: simulate(reqs, p, cfg).to_json() for p in POLICIES}
         rr, best = res["round_robin"]["ttft_p99_s"], res["ttft_oracle"]["ttft_mean_s"]

@@ -99,8 +99,10 @@ class _Conn:
 
 def prepared(path: str, body: dict) -> bytes:
     raw = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(raw)}\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(raw)}\r\n\r\n"
+    )
     return head.encode() + raw
 
 
@@ -143,11 +145,17 @@ def _publish(pub: EventPublisher, tokens: list[int], upto: int) -> None:
     """BlockStored events for the first ``upto`` blocks of ``tokens``, 32 blocks per event."""
     keys = chain_keys(BlockHasher().chain(tokens)).tolist()[:upto]
     for i in range(0, len(keys), 32):
-        pub.publish([BlockStored(
-            block_hashes=keys[i : i + 32], parent_block_hash=keys[i - 1] if i else None,
-            token_ids=tokens[i * 16 : (i + len(keys[i : i + 32])) * 16], block_size=16,
-            medium="GPU",
-        )])  # fmt: skip
+        pub.publish(
+            [
+                BlockStored(
+                    block_hashes=keys[i : i + 32],
+                    parent_block_hash=keys[i - 1] if i else None,
+                    token_ids=tokens[i * 16 : (i + len(keys[i : i + 32])) * 16],
+                    block_size=16,
+                    medium="GPU",
+                )
+            ]
+        )
 
 
 def bench_workers(
@@ -172,10 +180,13 @@ def bench_workers(
                 pubs = {e: EventPublisher("tcp://127.0.0.1:*", topic=e) for e in ("e3", "e5")}
                 engines = "".join(
                     f'[[engines]]\nname = "e{i}"\n'
-                    + (f'events = "{pubs[f"e{i}"].endpoint}"\ntopic = "e{i}"\n'
-                       if f"e{i}" in pubs else "")
+                    + (
+                        f'events = "{pubs[f"e{i}"].endpoint}"\ntopic = "e{i}"\n'
+                        if f"e{i}" in pubs
+                        else ""
+                    )
                     for i in range(8)
-                )  # fmt: skip
+                )
                 cfg = os.path.join(tmp, f"w{n_workers}.toml")
                 with open(cfg, "w") as fh:
                     fh.write(
@@ -187,10 +198,19 @@ def bench_workers(
                     sk.bind(("127.0.0.1", 0))
                     port = sk.getsockname()[1]
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "kvforge.cli.main", "serve", "--config", cfg,
-                     "--port", str(port)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        "-m",
+                        "kvforge.cli.main",
+                        "serve",
+                        "--config",
+                        cfg,
+                        "--port",
+                        str(port),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 url = f"http://127.0.0.1:{port}"
                 try:
                     _ready(url, pubs, prompt, chat_ids)
@@ -235,9 +255,11 @@ def _ready(url: str, pubs: dict[str, EventPublisher], prompt: list[int], chat: l
         time.sleep(0.3)
         got = {
             (r["engine"], r["cached_blocks"])
-            for r in (httpx.post(url + "/v1/route", json={"token_ids": chat}, timeout=10).json()
-                      for _ in range(8))
-        }  # fmt: skip
+            for r in (
+                httpx.post(url + "/v1/route", json={"token_ids": chat}, timeout=10).json()
+                for _ in range(8)
+            )
+        }
         if got == {("e5", want)}:
             return
     raise SystemExit(f"the workers did not see the engines' events: {got}")
@@ -269,8 +291,17 @@ def main() -> None:
     router.residency.store("e3", chain_keys(BlockHasher().chain(prompt)).tolist())
     # the live shape: an ~8k-token chat whose system prompt and tools repeat on every request
     words = " ".join(f"rule{i} keep changes small and reviewed." for i in range(900))
-    tools = [{"type": "function", "function": {"name": f"tool{i}", "description": words[:800],
-              "parameters": {"type": "object"}}} for i in range(6)]  # fmt: skip
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool{i}",
+                "description": words[:800],
+                "parameters": {"type": "object"},
+            },
+        }
+        for i in range(6)
+    ]
     user = " ".join(f"step {i} of the plan" for i in range(400))
     chat = [{"role": "system", "content": words}, {"role": "user", "content": user}]
     held = m.blocks(m.tokenize(chat, tools=tools))
@@ -286,9 +317,13 @@ def main() -> None:
         for label, path, req, fn in (
             ("token ids", "/v1/match", body, lambda: m.find_reusable_blocks(prompt)),
             ("token ids", "/v1/route", body, lambda: router.route_tokens(prompt)),
-            ("chat, repeated system + tools", "/v1/route", {"messages": chat, "tools": tools},
-             lambda: router.route(m.tokenize(chat, tools=tools), dispatch=False)),
-        ):  # fmt: skip
+            (
+                "chat, repeated system + tools",
+                "/v1/route",
+                {"messages": chat, "tools": tools},
+                lambda: router.route(m.tokenize(chat, tools=tools), dispatch=False),
+            ),
+        ):
             local = statistics.median(in_process(fn, 30))
             for workers in (1, 4, 16):
                 rps, lat = load(url, path, req, workers, max(5, per // workers * 2))
@@ -308,8 +343,10 @@ def main() -> None:
     print(
         "\n## analyze throughput and memory (generated token-id trace, full report per request)\n"
     )
-    print("| requests | prompt tokens | --max-blocks | seconds | tokens / s | requests forgotten | "
-          "peak RSS (MB) |\n|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    print(
+        "| requests | prompt tokens | --max-blocks | seconds | tokens / s | requests forgotten | "
+        "peak RSS (MB) |\n|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for pipelines, max_blocks in ((24, 2_000_000), (8 if a.quick else 160, 100_000)):
         trace = multi_agent_trace(pipelines=pipelines, seed=3)
         reqs = [TraceRequest(i, r["agent_id"], r["token_ids"]) for i, r in enumerate(trace)]
@@ -318,8 +355,10 @@ def main() -> None:
         res = analyze(iter(reqs), SyncMatcher(), max_blocks=max_blocks)
         dt = time.perf_counter() - t0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"| {len(reqs):,} | {tokens:,} | {max_blocks:,} | {dt:.1f} | {tokens / dt:,.0f} | "
-              f"{res.forgotten:,} | {rss:,.0f} |")  # fmt: skip
+        print(
+            f"| {len(reqs):,} | {tokens:,} | {max_blocks:,} | {dt:.1f} | {tokens / dt:,.0f} | "
+            f"{res.forgotten:,} | {rss:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

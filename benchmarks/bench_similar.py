@@ -282,10 +282,15 @@ def bench_near_real_text(tk: PromptTokenizer, agents_list: list[int], reps: int)
             lat.append((time.perf_counter() - t0) * 1e3)
         keys = near_chunk_keys(seq.tokens)
         cands = [
-            len({c for tab, k in zip(t.near, row, strict=True)
-                 for c in ((tab.get(k),) if isinstance(tab.get(k), int) else tab.get(k, ()))})
+            len(
+                {
+                    c
+                    for tab, k in zip(t.near, row, strict=True)
+                    for c in ((tab.get(k),) if isinstance(tab.get(k), int) else tab.get(k, ()))
+                }
+            )
             for row in keys.tolist()
-        ]  # fmt: skip
+        ]
         brute = {}
         for i, row in enumerate(seq.tokens):
             if i in hit.moved or i < hit.exact_blocks:

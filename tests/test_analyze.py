@@ -62,8 +62,11 @@ def test_exact_tokens_equal_an_unlimited_prefix_cache() -> None:
 def test_analyze_rejects_bad_traces(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"agent_id": "a"}\n')
-    out = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "analyze", str(bad)],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "kvforge.cli.main", "analyze", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "exactly one of" in out.stderr
 
 
@@ -173,14 +176,18 @@ def test_advice_is_ranked_merged_and_summarized() -> None:
     gains = [f.gain_tokens for f in res.fixes]
     assert gains == sorted(gains, reverse=True)
     top = res.fixes[0]
-    assert top.prompts == (("planner", __import__("kvforge").PromptTokenizer.qwen3().decode(
-        name["planner"])),)  # fmt: skip
+    assert top.prompts == (
+        ("planner", __import__("kvforge").PromptTokenizer.qwen3().decode(name["planner"])),
+    )
     # coder gains doc[:256] (its prefix stops at the system prompt); critic already reuses
     # coder's prompt up to token 320, and gains the rest of planner's full blocks
     assert top.partners == {"coder", "critic"} and top.requests == 2
     assert top.gain_tokens == 256 + ((64 + (576 - 70)) // 16 * 16 - 320)
-    assert len(res.advice) == len(res.shown_fixes) == len({tuple(f.prompts) for f in res.fixes
-                                                            if f.gain_tokens >= 64})  # fmt: skip
+    assert (
+        len(res.advice)
+        == len(res.shown_fixes)
+        == len({tuple(f.prompts) for f in res.fixes if f.gain_tokens >= 64})
+    )
     small = [f for f in res.fixes if f.gain_tokens < 64]
     assert small and all(f not in res.shown_fixes for f in small)
     summary = res.summary()
@@ -223,8 +230,9 @@ def test_analyze_and_simulate_agree_on_tenants(tmp_path: Path) -> None:
     trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
     run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "kvforge.cli.main", *a, str(trace), "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     doc = json.loads(run("analyze").stdout)
     # shared across tenants (all 25 blocks; vLLM skips 24: the last token is recomputed)
     assert doc["agents"]["b"]["exact_tokens"] == 399 // 16 * 16
@@ -284,22 +292,34 @@ def test_openai_request_body_logs_are_traces(tmp_path: Path) -> None:
     tk = PromptTokenizer.qwen3()
     system = {"role": "system", "content": "You review code. " * 80}
     bodies = [
-        {"model": "qwen3", "user": "critic", "timestamp": 1.5, "temperature": 0.2,
-         "messages": [system, {"role": "user", "content": "Review diff 1."}],
-         "chat_template_kwargs": {"enable_thinking": False}},
-        {"model": "qwen3", "user": "critic", "stream": True,
-         "messages": [system, {"role": "user", "content": "Review diff 2."}],
-         "chat_template_kwargs": {"enable_thinking": False}},
+        {
+            "model": "qwen3",
+            "user": "critic",
+            "timestamp": 1.5,
+            "temperature": 0.2,
+            "messages": [system, {"role": "user", "content": "Review diff 1."}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+        {
+            "model": "qwen3",
+            "user": "critic",
+            "stream": True,
+            "messages": [system, {"role": "user", "content": "Review diff 2."}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
         {"model": "qwen3", "prompt": ["Summarize the review.", "ignored second prompt"]},
-    ]  # fmt: skip
+    ]
     trace = tmp_path / "bodies.jsonl"
     trace.write_text("".join(json.dumps(b) + "\n" for b in bodies))
     reqs = read_trace(trace)
     assert [r.agent_id for r in reqs] == ["critic", "critic", "default"]
     assert reqs[0].t == 1.5 and reqs[2].prompt == "Summarize the review."
     assert reqs[0].chat == ChatOptions(chat_template_kwargs={"enable_thinking": False})
-    out = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "analyze", str(trace),
-                          "--json"], capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "kvforge.cli.main", "analyze", str(trace), "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     want = sum(len(tk.encode_chat(b["messages"], chat=reqs[0].chat)) for b in bodies[:2])
@@ -307,8 +327,11 @@ def test_openai_request_body_logs_are_traces(tmp_path: Path) -> None:
     assert doc["agents"]["critic"]["exact_tokens"] > 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**bodies[0], "continue_final_message": True}) + "\n")
-    out = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "analyze", str(bad)],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "kvforge.cli.main", "analyze", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "bad.jsonl:1" in out.stderr and "cannot both" in out.stderr
 
 
@@ -328,8 +351,17 @@ def test_mooncake_export_shares_exactly_what_vllm_shares(tmp_path: Path) -> None
     trace = tmp_path / "t.jsonl"
     trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "deep" / "mooncake.jsonl"
-    cmd = [sys.executable, "-m", "kvforge.cli.main", "export-trace", str(trace),
-           "--block-size", "64", "-o", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvforge.cli.main",
+        "export-trace",
+        str(trace),
+        "--block-size",
+        "64",
+        "-o",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     recs = [json.loads(x) for x in out.read_text().splitlines()]
@@ -344,8 +376,9 @@ def test_mooncake_export_shares_exactly_what_vllm_shares(tmp_path: Path) -> None
 
     def shared(i: int, j: int) -> int:
         a, b = recs[i]["hash_ids"], recs[j]["hash_ids"]
-        return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                    min(len(a), len(b)))  # fmt: skip
+        return next(
+            (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
 
     toks = [list(tk.tokenize(x["token_ids"]).token_ids) for x in lines]
     for i in range(4):

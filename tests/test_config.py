@@ -35,8 +35,9 @@ def test_precedence(tmp_path: Path) -> None:
     assert cfg.engines[0].name == "a" and cfg.engines[0].loras == {"sql": "/adapters/sql"}
     cfg = load_config(f, env={"KVFORGE_SERVICE_PORT": "9100", "KVFORGE_MATCHER_BLOCK_SIZE": "64"})
     assert (cfg.service.port, cfg.matcher.block_size) == (9100, 64)
-    cfg = load_config(f, env={"KVFORGE_SERVICE_PORT": "9100"},
-                      overrides={"service": {"port": 9200, "host": None}})  # fmt: skip
+    cfg = load_config(
+        f, env={"KVFORGE_SERVICE_PORT": "9100"}, overrides={"service": {"port": 9200, "host": None}}
+    )
     assert cfg.service.port == 9200 and cfg.service.host == "0.0.0.0"
 
 
@@ -104,8 +105,10 @@ def test_ttft_policy_and_tier_weight_from_the_config(tmp_path: Path) -> None:
     chosen = {}
     for policy in ("ttft", "prefix"):
         cfg = tmp_path / f"{policy}.toml"
-        cfg.write_text(f'[router]\npolicy = "{policy}"\ncpu_tier_weight = 0.5\n'
-                       '[[engines]]\nname = "e0"\n[[engines]]\nname = "e1"\n')  # fmt: skip
+        cfg.write_text(
+            f'[router]\npolicy = "{policy}"\ncpu_tier_weight = 0.5\n'
+            '[[engines]]\nname = "e0"\n[[engines]]\nname = "e1"\n'
+        )
         router = build_router(load_config(cfg, env={}), PromptTokenizer.qwen3())
         assert router is not None and router.residency.tier_weights["CPU"] == 0.5
         router.residency.store("e0", chain_keys(BlockHasher().chain(prompt)).tolist())

@@ -38,7 +38,11 @@ def _untyped(batch) -> list:
         for f in ev.__struct_fields__:
             v = getattr(ev, f)
             required = isinstance(ev, BlockStored) and f in (
-                "parent_block_hash", "lora_id", "medium", "lora_name")  # fmt: skip
+                "parent_block_hash",
+                "lora_id",
+                "medium",
+                "lora_name",
+            )
             if v is not None or required or (isinstance(ev, BlockRemoved) and f == "medium"):
                 d[f] = v
         events.append(d)
@@ -66,12 +70,22 @@ def test_minimal_example_and_hash_forms() -> None:
 
 def test_positional_events_of_older_vllm() -> None:
     old = msgspec.msgpack.encode(
-        [1.5, [["BlockStored", [1, 2], None, [7, 8], 1, None, "GPU"],
-               ["BlockRemoved", [2], "GPU"], ["AllBlocksCleared"]], 0]
-    )  # fmt: skip
+        [
+            1.5,
+            [
+                ["BlockStored", [1, 2], None, [7, 8], 1, None, "GPU"],
+                ["BlockRemoved", [2], "GPU"],
+                ["AllBlocksCleared"],
+            ],
+            0,
+        ]
+    )
     b = decode_batch(old)
     assert [type(e).__name__ for e in b.events] == [
-        "BlockStored", "BlockRemoved", "AllBlocksCleared"]  # fmt: skip
+        "BlockStored",
+        "BlockRemoved",
+        "AllBlocksCleared",
+    ]
     assert b.events[0].block_hashes == [1, 2] and b.events[1].medium == "GPU"
 
 
@@ -92,10 +106,17 @@ def test_real_sockets_drop_and_replay(mode: str, new_residency) -> None:
     topic = GOLDEN[mode]["topic"]
     res = new_residency()
     ctx = zmq.Context()
-    with EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", topic=topic,
-                        context=ctx) as pub:  # fmt: skip
-        sub = EventSubscriber("pod-a", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
-                              topic=topic, context=ctx).start()  # fmt: skip
+    with EventPublisher(
+        "tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", topic=topic, context=ctx
+    ) as pub:
+        sub = EventSubscriber(
+            "pod-a",
+            pub.endpoint,
+            res,
+            replay_endpoint=pub.replay_endpoint,
+            topic=topic,
+            context=ctx,
+        ).start()
         time.sleep(0.3)  # let the SUB join; anything lost is recovered by replay anyway
         frames = _frames(mode)
         for i, fr in enumerate(frames[:5]):
@@ -127,8 +148,14 @@ def test_gap_beyond_the_buffer_resyncs(new_residency) -> None:
         buffer_steps=1,
         context=ctx,
     ) as pub:
-        sub = EventSubscriber("pod-a", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
-                              topic="kv@pod-a@demo-model", context=ctx)  # fmt: skip
+        sub = EventSubscriber(
+            "pod-a",
+            pub.endpoint,
+            res,
+            replay_endpoint=pub.replay_endpoint,
+            topic="kv@pod-a@demo-model",
+            context=ctx,
+        )
         sub.handle(frames[0])
         for fr in frames[1:3]:
             pub.publish_payload(fr[2], send=False)  # seq 0, 1 buffered (only 1 kept)
@@ -170,9 +197,11 @@ def test_a_bad_hash_rejects_the_whole_batch(new_residency) -> None:
     res = new_residency()
     sub = EventSubscriber("e", "tcp://127.0.0.1:1", res)
     bad = encode_batch(
-        msgspec.convert([0.0, [{"type": "BlockStored", "block_hashes": [5, b""]}], 0],
-                        type=__import__("kvforge").events.KVEventBatch)
-    )  # fmt: skip
+        msgspec.convert(
+            [0.0, [{"type": "BlockStored", "block_hashes": [5, b""]}], 0],
+            type=__import__("kvforge").events.KVEventBatch,
+        )
+    )
     sub.handle([b"", (0).to_bytes(8, "big"), bad])
     assert sub.stats.malformed == 1 and res.stats()["engines"] == {}
 
@@ -182,12 +211,19 @@ def test_restart_after_a_first_contact_replay_is_not_taken_for_a_duplicate(new_r
     ctx = zmq.Context()
     frames = _frames("int_hash_mode")
     topic = GOLDEN["int_hash_mode"]["topic"]
-    with EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", topic=topic,
-                        context=ctx) as pub:  # fmt: skip
+    with EventPublisher(
+        "tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", topic=topic, context=ctx
+    ) as pub:
         for fr in frames[:5]:
             pub.publish_payload(fr[2], send=False)
-        sub = EventSubscriber("pod-a", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
-                              topic=topic, context=ctx)  # fmt: skip
+        sub = EventSubscriber(
+            "pod-a",
+            pub.endpoint,
+            res,
+            replay_endpoint=pub.replay_endpoint,
+            topic=topic,
+            context=ctx,
+        )
         sub.handle(frames[3])  # first contact at seq 3: batches 0..2 come from the replay
         assert sub.stats.replayed == 3 and sub.stats.last_seq == 3
         sub.handle(frames[4])

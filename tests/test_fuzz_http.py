@@ -50,10 +50,12 @@ _values = st.recursive(
 )
 _ids = st.lists(st.integers(min_value=-5, max_value=160_000), max_size=80)
 _message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant", "tool", "", "x"]) | _scalars,
-     "content": st.text(max_size=60) | _values},
+    {
+        "role": st.sampled_from(["system", "user", "assistant", "tool", "", "x"]) | _scalars,
+        "content": st.text(max_size=60) | _values,
+    },
     optional={"tool_calls": _values, "name": _values},
-)  # fmt: skip
+)
 FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "prompt": st.text(max_size=200) | _values,
     "messages": st.lists(_message, max_size=4) | _values,
@@ -80,10 +82,20 @@ _body = st.one_of(
     ),
     _values,  # not even an object
 )
-_tenant = st.one_of(st.none(), st.text(max_size=20).filter(lambda t: t.isascii()),
-                    st.just("t" * 300), st.just("acme"))  # fmt: skip
-PATHS = ["/v1/index", "/v1/match", "/v1/prefix-hash", "/v1/route", "/v1/chat/completions",
-         "/v1/completions"]  # fmt: skip
+_tenant = st.one_of(
+    st.none(),
+    st.text(max_size=20).filter(lambda t: t.isascii()),
+    st.just("t" * 300),
+    st.just("acme"),
+)
+PATHS = [
+    "/v1/index",
+    "/v1/match",
+    "/v1/prefix-hash",
+    "/v1/route",
+    "/v1/chat/completions",
+    "/v1/completions",
+]
 
 
 def _encode(body: Any) -> bytes:
@@ -166,8 +178,9 @@ def test_the_fuzzer_reaches_the_handlers(service: tuple[TestClient, SyncMatcher]
         if path == "/v1/index":
             body["agent_id"] = "fuzz-ok"
         assert client.post(path, json=body).status_code == 200, path
-    r = client.post("/v1/chat/completions", json={"model": "m", "messages": [
-        {"role": "user", "content": "hi"}]})  # fmt: skip
+    r = client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert r.status_code == 200 and not math.isnan(r.json()["usage"]["prompt_tokens"])
 
 
@@ -182,8 +195,14 @@ def test_deep_nesting_and_hidden_surrogates_are_refused(
         body = {"model": deep, "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
         if path == "/v1/match":
             body = {"messages": [{"role": "user", "content": "x", "extra": deep}]}
-        _check(client, m, "POST", path, content=_encode(body),
-               headers={"content-type": "application/json"})  # fmt: skip
+        _check(
+            client,
+            m,
+            "POST",
+            path,
+            content=_encode(body),
+            headers={"content-type": "application/json"},
+        )
         assert (
             client.post(
                 path, content=_encode(body), headers={"content-type": "application/json"}

@@ -55,9 +55,13 @@ def test_golden_file_is_the_shared_one() -> None:
 def test_every_algo_and_seed_is_covered() -> None:
     runs = {(c["algo"], c["PYTHONHASHSEED"]) for c in CASES}
     assert runs == {
-        ("sha256", None), ("sha256", "0"), ("sha256_cbor", None), ("sha256_cbor", "0"),
-        ("xxhash", "0"), ("xxhash_cbor", "0"),
-    }  # fmt: skip
+        ("sha256", None),
+        ("sha256", "0"),
+        ("sha256_cbor", None),
+        ("sha256_cbor", "0"),
+        ("xxhash", "0"),
+        ("xxhash_cbor", "0"),
+    }
     assert len(CASES) == 84
 
 
@@ -109,9 +113,12 @@ def test_preimage_bytes(case: dict) -> None:
     for b in case["blocks"]:
         start, end = b["token_range"]
         extra = block_extra_keys(
-            start, end, lora=kw.get("lora"), mm_items=kw.get("mm_items", ()),
+            start,
+            end,
+            lora=kw.get("lora"),
+            mm_items=kw.get("mm_items", ()),
             cache_salt=kw.get("cache_salt"),
-        )  # fmt: skip
+        )
         obj = (parent, tuple(case["all_token_ids"][start:end]), extra)
         raw = (
             pickle.dumps(obj, protocol=5)
@@ -154,8 +161,9 @@ def test_chain_continued_block_by_block(case: dict) -> None:
     kw = _inputs(case)
     toks, bs, out = case["all_token_ids"], case["block_size"], []
     for b in range(len(case["blocks"])):
-        out += hasher.chain(toks[b * bs :], parent=out[-1] if out else None, first_block=b,
-                            max_blocks=1, **kw)  # fmt: skip
+        out += hasher.chain(
+            toks[b * bs :], parent=out[-1] if out else None, first_block=b, max_blocks=1, **kw
+        )
     assert [h.hex() for h in out] == [b["hash_hex"] for b in case["blocks"]]
     if not (case["mm_features"] or case["prompt_embeds"]):
         from kvforge.blocks import BlockSequence
@@ -182,8 +190,16 @@ def test_cli_hash_of_token_ids_matches_vllm(case: dict) -> None:
 
     if case["PYTHONHASHSEED"] is None and case["algo"].startswith("xxhash"):
         pytest.skip("random root by design (xxhash with PYTHONHASHSEED unset)")
-    args = ["hash", "--token-ids", json.dumps(case["all_token_ids"]), "--algo", case["algo"],
-            "--block-size", str(case["block_size"]), "--json"]  # fmt: skip
+    args = [
+        "hash",
+        "--token-ids",
+        json.dumps(case["all_token_ids"]),
+        "--algo",
+        case["algo"],
+        "--block-size",
+        str(case["block_size"]),
+        "--json",
+    ]
     if case["PYTHONHASHSEED"] is not None:
         args += ["--hash-seed", case["PYTHONHASHSEED"]]
     if case["cache_salt"]:

@@ -151,10 +151,12 @@ def test_one_bad_event_never_empties_an_engine(poison: dict, new_residency) -> N
     sockets: the bad batch is refused whole, the sequence moves on, nothing is cleared."""
     res = new_residency()
     ctx = zmq.Context()
-    with EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*",
-                        topic="kv", context=ctx) as pub:  # fmt: skip
-        sub = EventSubscriber("e0", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
-                              topic="kv", context=ctx).start()  # fmt: skip
+    with EventPublisher(
+        "tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", topic="kv", context=ctx
+    ) as pub:
+        sub = EventSubscriber(
+            "e0", pub.endpoint, res, replay_endpoint=pub.replay_endpoint, topic="kv", context=ctx
+        ).start()
         time.sleep(0.3)
         _send(pub, [_stored(list(range(1, 31)))])  # seq 0: 30 blocks
         assert sub.wait_for_seq(0, timeout=10)
@@ -190,8 +192,9 @@ def test_a_huge_batch_is_refused_before_it_is_allocated(new_residency) -> None:
     res = new_residency()
     ctx = zmq.Context()
     with EventPublisher("tcp://127.0.0.1:*", topic="kv", context=ctx) as pub:
-        sub = EventSubscriber("e0", pub.endpoint, res, topic="kv", context=ctx,
-                              max_message_bytes=1 << 20).start()  # fmt: skip
+        sub = EventSubscriber(
+            "e0", pub.endpoint, res, topic="kv", context=ctx, max_message_bytes=1 << 20
+        ).start()
         time.sleep(0.3)
         _send(pub, [_stored(list(range(1 << 40, (1 << 40) + 200_000)))])  # 1.8 MB > 1 MiB
         time.sleep(0.3)
@@ -458,8 +461,9 @@ def test_malformed_tool_calls_are_422_not_500(calls: object) -> None:
 
 def test_a_proxied_model_that_is_not_a_string_is_not_a_crash() -> None:
     router = Router([EngineConfig("e0", url="http://127.0.0.1:9")], speculative_ttl=0)
-    c = TestClient(create_app(SyncMatcher(), router=router, subscribe=False),
-                   raise_server_exceptions=False)  # fmt: skip
+    c = TestClient(
+        create_app(SyncMatcher(), router=router, subscribe=False), raise_server_exceptions=False
+    )
     for model in ([1], {"a": 1}):
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
         assert c.post("/v1/chat/completions", json=body).status_code == 502  # routed, forwarded

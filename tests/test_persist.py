@@ -80,8 +80,12 @@ def test_kill_minus_nine_loses_at_most_one_interval(tmp_path: Path) -> None:
 
     proc, url = serve_process(cfg)
     try:
-        r = httpx.post(url + "/v1/index", json={"agent_id": "planner", "token_ids": SYSTEM},
-                       headers={"X-Tenant": "acme"}, timeout=30)  # fmt: skip
+        r = httpx.post(
+            url + "/v1/index",
+            json={"agent_id": "planner", "token_ids": SYSTEM},
+            headers={"X-Tenant": "acme"},
+            timeout=30,
+        )
         assert r.status_code == 200
         time.sleep(1.0)  # several snapshot intervals
     finally:
@@ -91,8 +95,9 @@ def test_kill_minus_nine_loses_at_most_one_interval(tmp_path: Path) -> None:
     try:
         got = httpx.get(url + "/v1/agents", headers={"X-Tenant": "acme"}, timeout=10).json()
         assert got == {"agents": ["planner"]}
-        m = httpx.post(url + "/v1/match", json={"token_ids": SYSTEM},
-                       headers={"X-Tenant": "acme"}, timeout=30).json()  # fmt: skip
+        m = httpx.post(
+            url + "/v1/match", json={"token_ids": SYSTEM}, headers={"X-Tenant": "acme"}, timeout=30
+        ).json()
         assert m["prefix_blocks_by_owner"] == {"planner": 4}
     finally:
         proc.terminate()

@@ -29,19 +29,38 @@ def cluster() -> Iterator[tuple[openai.OpenAI, Router, list[SimEngine]]]:
     ctx = zmq.Context()
     tk = PromptTokenizer.qwen3()
     hasher = BlockHasher()
-    pubs = [EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*",
-                           topic=f"kv@e{i}@m", context=ctx) for i in range(2)]  # fmt: skip
+    pubs = [
+        EventPublisher(
+            "tcp://127.0.0.1:*",
+            replay_endpoint="tcp://127.0.0.1:*",
+            topic=f"kv@e{i}@m",
+            context=ctx,
+        )
+        for i in range(2)
+    ]
     engines = [SimEngine(f"e{i}", 4096, publisher=p) for i, p in enumerate(pubs)]
     with (
         serve(standin_app(engines[0], hasher, tk)) as u0,
         serve(standin_app(engines[1], hasher, tk)) as u1,
     ):
-        router = Router([
-            EngineConfig("e0", url=u0, events=pubs[0].endpoint, replay=pubs[0].replay_endpoint,
-                         topic="kv@e0@m"),
-            EngineConfig("e1", url=u1, events=pubs[1].endpoint, replay=pubs[1].replay_endpoint,
-                         topic="kv@e1@m"),
-        ])  # fmt: skip
+        router = Router(
+            [
+                EngineConfig(
+                    "e0",
+                    url=u0,
+                    events=pubs[0].endpoint,
+                    replay=pubs[0].replay_endpoint,
+                    topic="kv@e0@m",
+                ),
+                EngineConfig(
+                    "e1",
+                    url=u1,
+                    events=pubs[1].endpoint,
+                    replay=pubs[1].replay_endpoint,
+                    topic="kv@e1@m",
+                ),
+            ]
+        )
         with serve(
             create_app(SyncMatcher(tokenizer=tk), router=router, expose_decisions=True)
         ) as proxy:
@@ -96,12 +115,17 @@ def test_render_options_are_rendered_as_the_engine_renders_them(cluster) -> None
 
     client, _, _ = cluster
     tk = PromptTokenizer.qwen3()
-    opts = {"add_generation_prompt": False, "continue_final_message": True,
-            "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+    opts = {
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     chat = ChatOptions(False, True, {"enable_thinking": False})
     for pad in range(64):
-        msgs = [{"role": "user", "content": "Explain prefix caching." + " more" * pad},
-                {"role": "assistant", "content": "Prefix caching keeps"}]  # fmt: skip
+        msgs = [
+            {"role": "user", "content": "Explain prefix caching." + " more" * pad},
+            {"role": "assistant", "content": "Prefix caching keeps"},
+        ]
         n_with, n_without = len(tk.encode_chat(msgs, chat=chat)), len(tk.encode_chat(msgs))
         if n_with // 16 != n_without // 16:
             break
@@ -145,8 +169,9 @@ def test_tenants_get_their_own_salt_end_to_end() -> None:
             router = Router(
                 [EngineConfig("e0", url=u0, events=pub.endpoint, topic="kv")], speculative_ttl=0
             )
-            app_ = create_app(SyncMatcher(tokenizer=tk), router=router, expose_decisions=True,
-                              tenant_salt=salts)  # fmt: skip
+            app_ = create_app(
+                SyncMatcher(tokenizer=tk), router=router, expose_decisions=True, tenant_salt=salts
+            )
             with serve(app_) as proxy:
                 client = openai.OpenAI(base_url=proxy + "/v1", api_key="unused")
                 msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Go."}]
@@ -179,24 +204,32 @@ def test_recording_proxied_requests_as_a_trace(tmp_path) -> None:
 
     tk = PromptTokenizer.qwen3()
     pub = EventPublisher("tcp://127.0.0.1:*", topic="kv")
-    plain, redacted = Recorder(tmp_path / "rec.jsonl"), Recorder(tmp_path / "red.jsonl",
-                                                                 redact=True)  # fmt: skip
+    plain, redacted = (
+        Recorder(tmp_path / "rec.jsonl"),
+        Recorder(tmp_path / "red.jsonl", redact=True),
+    )
     seen_tokens = []
     try:
         with serve(standin_app(SimEngine("e0", 4096, publisher=pub), BlockHasher(), tk)) as u0:
             for rec, salts in ((plain, TenantSalt(b"secret-secret-secret")), (redacted, None)):
                 router = Router([EngineConfig("e0", url=u0)], speculative_ttl=0)
-                app_ = create_app(SyncMatcher(tokenizer=tk), router=router, recorder=rec,
-                                  tenant_salt=salts)  # fmt: skip
+                app_ = create_app(
+                    SyncMatcher(tokenizer=tk), router=router, recorder=rec, tenant_salt=salts
+                )
                 with serve(app_) as proxy:
                     client = openai.OpenAI(base_url=proxy + "/v1", api_key="unused")
-                    msgs = [{"role": "system", "content": SYSTEM},
-                            {"role": "user", "content": "Plan."}]  # fmt: skip
+                    msgs = [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": "Plan."},
+                    ]
                     r = client.chat.completions.create(
-                        model="standin", messages=msgs, user="planner", max_tokens=9,
+                        model="standin",
+                        messages=msgs,
+                        user="planner",
+                        max_tokens=9,
                         extra_headers={"X-Tenant": "acme"},
                         extra_body={"chat_template_kwargs": {"enable_thinking": False}},
-                    )  # fmt: skip
+                    )
                     seen_tokens.append(r.usage.prompt_tokens)
                     client.completions.create(model="standin", prompt="Summarize. " * 30)
     finally:
@@ -243,9 +276,13 @@ def _proxy_over(
         engine = SimEngine(f"e{i}", 4096, publisher=p)
         urls.append(st.enter_context(serve(standin_app(engine, BlockHasher(), engine_tk or tk))))
         stacks.append(st)
-    router = Router([EngineConfig(f"e{i}", url=u, events=p.endpoint, topic=f"kv{i}")
-                     for i, (u, p) in enumerate(zip(urls, pubs, strict=True))],
-                    speculative_ttl=0)  # fmt: skip
+    router = Router(
+        [
+            EngineConfig(f"e{i}", url=u, events=p.endpoint, topic=f"kv{i}")
+            for i, (u, p) in enumerate(zip(urls, pubs, strict=True))
+        ],
+        speculative_ttl=0,
+    )
     app_ = create_app(SyncMatcher(tokenizer=tk), router=router)
     return app_, stacks, router, pubs
 
@@ -333,14 +370,24 @@ def test_the_engines_own_queue_steers_cold_prompts() -> None:
     queue = {"e0": 0, "e1": 0}
     pubs = [EventPublisher("tcp://127.0.0.1:*", topic=f"kv{i}") for i in range(2)]
     with ExitStack() as st:
-        urls = [st.enter_context(serve(standin_app(
-            SimEngine(f"e{i}", 4096, publisher=p), BlockHasher(), tk,
-            waiting=lambda i=i: queue[f"e{i}"],
-        ))) for i, p in enumerate(pubs)]  # fmt: skip
+        urls = [
+            st.enter_context(
+                serve(
+                    standin_app(
+                        SimEngine(f"e{i}", 4096, publisher=p),
+                        BlockHasher(),
+                        tk,
+                        waiting=lambda i=i: queue[f"e{i}"],
+                    )
+                )
+            )
+            for i, p in enumerate(pubs)
+        ]
         text = httpx.get(urls[0] + "/metrics").text
         assert parse_vllm_metrics(text).waiting == 0
-        router = Router([EngineConfig(f"e{i}", url=u) for i, u in enumerate(urls)],
-                        speculative_ttl=0)  # fmt: skip
+        router = Router(
+            [EngineConfig(f"e{i}", url=u) for i, u in enumerate(urls)], speculative_ttl=0
+        )
         app_ = create_app(SyncMatcher(tokenizer=tk), router=router, scrape_interval=0.1)
         with TestClient(app_) as c:
 

@@ -40,17 +40,24 @@ def test_two_processes_see_each_others_indexing_clearing_and_kv_events(
         # only process A subscribes to the engine's events; B learns them through Redis
         a_cfg, b_cfg = tmp_path / "a.toml", tmp_path / "b.toml"
         service = f'[service]\nindex_url = "{index_url}"\n[router]\nexpose_decisions = true\n'
-        a_cfg.write_text(service + f'[[engines]]\nname = "e0"\nevents = "{pub.endpoint}"\n'
-                         '[[engines]]\nname = "e1"\n')  # fmt: skip
+        a_cfg.write_text(
+            service + f'[[engines]]\nname = "e0"\nevents = "{pub.endpoint}"\n'
+            '[[engines]]\nname = "e1"\n'
+        )
         b_cfg.write_text(service + '[[engines]]\nname = "e0"\n[[engines]]\nname = "e1"\n')
         (a, a_url), (b, b_url) = serve_process(a_cfg), serve_process(b_cfg)
         try:
             h = {"X-Tenant": "acme"}
-            r = httpx.post(a_url + "/v1/index", json={"agent_id": "planner", "token_ids": PROMPT},
-                           headers=h, timeout=30)  # fmt: skip
+            r = httpx.post(
+                a_url + "/v1/index",
+                json={"agent_id": "planner", "token_ids": PROMPT},
+                headers=h,
+                timeout=30,
+            )
             assert r.status_code == 200, r.text
-            seen = httpx.post(b_url + "/v1/match", json={"token_ids": SYSTEM + [7] * 40},
-                              headers=h, timeout=30).json()  # fmt: skip
+            seen = httpx.post(
+                b_url + "/v1/match", json={"token_ids": SYSTEM + [7] * 40}, headers=h, timeout=30
+            ).json()
             assert seen["prefix_blocks_by_owner"] == {"planner": 4}
             assert httpx.get(b_url + "/v1/agents", headers=h).json() == {"agents": ["planner"]}
             # B clears; A no longer claims anything
@@ -83,8 +90,9 @@ def test_redis_down_fails_open_and_recovers_by_itself(
     url = redis_index_url(own_redis.url)
     m = SyncMatcher(index=url)
     m.index_prompt("planner", PROMPT)
-    router = Router([EngineConfig("e0"), EngineConfig("e1")], residency=open_residency(url),
-                    speculative_ttl=0)  # fmt: skip
+    router = Router(
+        [EngineConfig("e0"), EngineConfig("e1")], residency=open_residency(url), speculative_ttl=0
+    )
     router.residency.store("e0", _keys(PROMPT))
     assert router.route_tokens(PROMPT, loads={"e0": 10, "e1": 0}).engine == "e0"
 
@@ -255,9 +263,10 @@ def test_service_reports_the_outage_and_recovers(own_redis: RedisServer) -> None
     assert 'kvforge_backend_up{part="index"} 0.0' in metrics
     assert 'kvforge_backend_up{part="residency"} 0.0' in metrics
     failures = next(
-        float(line.split()[-1]) for line in metrics.splitlines()
+        float(line.split()[-1])
+        for line in metrics.splitlines()
         if line.startswith('kvforge_backend_failures_total{part="index"}')
-    )  # fmt: skip
+    )
     assert failures >= 2
     own_redis.start()
     deadline = time.monotonic() + 5

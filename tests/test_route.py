@@ -90,8 +90,14 @@ def test_load_trades_off_against_cached_blocks(new_residency) -> None:
 
 
 def test_balance_guard_skips_a_hot_replica(new_residency) -> None:
-    r = Router(residency=new_residency(), engines=[EngineConfig(e) for e in ENGINES],
-               speculative_ttl=0, load_weight=0.0, balance_rel=1.5, balance_abs=100)  # fmt: skip
+    r = Router(
+        residency=new_residency(),
+        engines=[EngineConfig(e) for e in ENGINES],
+        speculative_ttl=0,
+        load_weight=0.0,
+        balance_rel=1.5,
+        balance_abs=100,
+    )
     r.residency.store("e1", _keys(PROMPT))
     assert r.route_tokens(PROMPT, loads={"e1": 150, "e0": 0, "e2": 0}).engine == "e1"  # ≤ 175
     d = r.route_tokens(PROMPT, loads={"e1": 500, "e0": 0, "e2": 0})  # limit 1.5*166+100=350
@@ -144,8 +150,7 @@ def test_salts_and_loras_are_part_of_the_key(new_residency) -> None:
 
 
 def test_engines_with_other_hash_configs(new_residency) -> None:
-    cfgs = [EngineConfig("a", hash_algo="xxhash", hash_seed="0"),
-            EngineConfig("b", block_size=32)]  # fmt: skip
+    cfgs = [EngineConfig("a", hash_algo="xxhash", hash_seed="0"), EngineConfig("b", block_size=32)]
     r = Router(residency=new_residency(), engines=cfgs, speculative_ttl=0)
     r.residency.store(
         "a", chain_keys(BlockHasher("xxhash", hash_seed="0").chain(PROMPT)[:10]).tolist()
@@ -160,10 +165,18 @@ def test_engines_with_other_hash_configs(new_residency) -> None:
 
 def test_route_text_and_chat(tmp_path, new_residency) -> None:
     r = Router(residency=new_residency(), engines=[EngineConfig(e) for e in ENGINES])
-    d1 = r.route([{"role": "system", "content": "You are a planner. " * 50},
-                  {"role": "user", "content": "go"}])  # fmt: skip
-    d2 = r.route([{"role": "system", "content": "You are a planner. " * 50},
-                  {"role": "user", "content": "again"}])  # fmt: skip
+    d1 = r.route(
+        [
+            {"role": "system", "content": "You are a planner. " * 50},
+            {"role": "user", "content": "go"},
+        ]
+    )
+    d2 = r.route(
+        [
+            {"role": "system", "content": "You are a planner. " * 50},
+            {"role": "user", "content": "again"},
+        ]
+    )
     assert d2.engine == d1.engine and d2.cached_blocks > 0
 
 
@@ -290,8 +303,9 @@ def test_speculation_covers_the_prompt_and_yields_to_the_engines_events(new_resi
     """A dispatched decision assumes the engine will hold every full block of the prompt; a
     BlockRemoved or AllBlocksCleared for those blocks ends the assumption (vLLM's events are
     the truth), and a BlockStored replaces it with the real thing."""
-    r = Router([EngineConfig("e0"), EngineConfig("e1")], residency=new_residency(),
-               speculative_ttl=30.0)  # fmt: skip
+    r = Router(
+        [EngineConfig("e0"), EngineConfig("e1")], residency=new_residency(), speculative_ttl=30.0
+    )
     prompt = list(range(3000, 3000 + 16 * 10 + 5))  # 10 full blocks and 5 tokens
     keys = _keys(prompt)
     e = r.route_tokens(prompt, now=100.0).engine  # cold, dispatched: speculates

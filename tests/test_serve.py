@@ -42,8 +42,11 @@ def test_index_match_prefix_clear_stats(client: TestClient) -> None:
 def test_stats_show_only_the_callers_tenant(client: TestClient) -> None:
     for t, n in (("acme", 3), ("globex", 2)):
         for k in range(n):
-            r = client.post("/v1/index", json={"agent_id": f"a{k}", "token_ids": SYSTEM + [k] * 32},
-                            headers={"X-Tenant": t})  # fmt: skip
+            r = client.post(
+                "/v1/index",
+                json={"agent_id": f"a{k}", "token_ids": SYSTEM + [k] * 32},
+                headers={"X-Tenant": t},
+            )
             assert r.status_code == 200
     acme = client.get("/v1/stats", headers={"X-Tenant": "acme"}).json()
     globex = client.get("/v1/stats", headers={"X-Tenant": "globex"}).json()
@@ -114,8 +117,12 @@ def test_metrics_and_route() -> None:
     text = c.get("/metrics").text
     assert 'kvforge_requests_total{endpoint="/v1/route",status="200"} 1.0' in text
     assert "kvforge_request_seconds_bucket" in text and "kvforge_index_blocks" in text
-    assert TestClient(create_app(SyncMatcher())).post(
-        "/v1/route", json={"token_ids": SYSTEM}).status_code == 404  # fmt: skip
+    assert (
+        TestClient(create_app(SyncMatcher()))
+        .post("/v1/route", json={"token_ids": SYSTEM})
+        .status_code
+        == 404
+    )
     assert c.get("/openapi.json").json()["info"]["title"] == "kvforge"
 
 
@@ -125,10 +132,20 @@ def test_real_server_process() -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "KVF_TOKEN": "tok"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvforge.cli.main", "serve", "--port", str(port),
-         "--api-token-env", "KVF_TOKEN"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvforge.cli.main",
+            "serve",
+            "--port",
+            str(port),
+            "--api-token-env",
+            "KVF_TOKEN",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -139,8 +156,12 @@ def test_real_server_process() -> None:
             except httpx.HTTPError:
                 time.sleep(0.2)
         h = {"Authorization": "Bearer tok"}
-        r = httpx.post(url + "/v1/index", json={"agent_id": "a", "prompt": "hello " * 40},
-                       headers=h, timeout=30)  # fmt: skip
+        r = httpx.post(
+            url + "/v1/index",
+            json={"agent_id": "a", "prompt": "hello " * 40},
+            headers=h,
+            timeout=30,
+        )
         assert r.status_code == 200 and r.json()["num_blocks"] == 2
         assert httpx.get(url + "/v1/stats", timeout=5).status_code == 401
     finally:
@@ -161,9 +182,11 @@ def test_render_options_on_the_api(client: TestClient) -> None:
     assert m["num_tokens"] == want and m["exact_blocks"] == want // 16
     plain = client.post("/v1/match", json={"messages": msgs}).json()
     assert plain["num_tokens"] == want - 4  # no "<think>\n\n</think>\n\n" after the header
-    for bad in ({"messages": msgs, "continue_final_message": True},
-                {"token_ids": [1, 2], "add_generation_prompt": False},
-                {"messages": msgs, "chat_template_kwargs": {"messages": []}},
-                {"messages": msgs, "add_generation_prompt": "no"}):  # fmt: skip
+    for bad in (
+        {"messages": msgs, "continue_final_message": True},
+        {"token_ids": [1, 2], "add_generation_prompt": False},
+        {"messages": msgs, "chat_template_kwargs": {"messages": []}},
+        {"messages": msgs, "add_generation_prompt": "no"},
+    ):
         for path in ("/v1/match", "/v1/prefix-hash"):
             assert client.post(path, json=bad).status_code == 422, (path, bad)

@@ -23,8 +23,9 @@ def keys(tokens) -> list[int]:
 
 
 def _requests(n_pipelines: int = 6, seed: int = 0) -> list[SimRequest]:
-    tr = multi_agent_trace(pipelines=n_pipelines, system_tokens=256, doc_tokens=512,
-                           turn_tokens=64, seed=seed)  # fmt: skip
+    tr = multi_agent_trace(
+        pipelines=n_pipelines, system_tokens=256, doc_tokens=512, turn_tokens=64, seed=seed
+    )
     return [SimRequest(r["agent_id"], tuple(r["token_ids"]), None, r["t"]) for r in tr]
 
 
@@ -37,8 +38,9 @@ def _direct_hits(reqs: list[SimRequest], assign: list[int], bs: int = 16) -> int
         best = 0
         for prev in seen.get(e, []):
             n = 0
-            while (n + 1) * bs <= min(len(prev), len(r.token_ids)) and \
-                    prev[n * bs:(n + 1) * bs] == r.token_ids[n * bs:(n + 1) * bs]:  # fmt: skip
+            while (n + 1) * bs <= min(len(prev), len(r.token_ids)) and prev[
+                n * bs : (n + 1) * bs
+            ] == r.token_ids[n * bs : (n + 1) * bs]:
                 n += 1
             best = max(best, n)
         total += min(best, (len(r.token_ids) - 1) // bs) * bs
@@ -77,8 +79,9 @@ def test_events_mirror_the_true_cache_over_real_sockets() -> None:
     ctx = zmq.Context()
     res = ResidencyIndex()
     pub = EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", context=ctx)
-    sub = EventSubscriber("e", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
-                          context=ctx).start()  # fmt: skip
+    sub = EventSubscriber(
+        "e", pub.endpoint, res, replay_endpoint=pub.replay_endpoint, context=ctx
+    ).start()
     time.sleep(0.2)
     eng = SimEngine("e", num_blocks=40, publisher=pub)
     running = []
@@ -107,18 +110,42 @@ def test_prefix_routing_beats_blind_policies_under_cache_pressure() -> None:
 
 def test_cli_simulate_json_contract(tmp_path) -> None:
     path = tmp_path / "trace.jsonl"
-    path.write_text("\n".join(json.dumps({"agent_id": r.agent_id, "token_ids": list(r.token_ids),
-                                          "t": r.t}) for r in _requests(3)))  # fmt: skip
+    path.write_text(
+        "\n".join(
+            json.dumps({"agent_id": r.agent_id, "token_ids": list(r.token_ids), "t": r.t})
+            for r in _requests(3)
+        )
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "kvforge.cli.main", "simulate", str(path), "--engines", "2",
-         "--blocks-per-engine", "500", "--policy", "all", "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvforge.cli.main",
+            "simulate",
+            str(path),
+            "--engines",
+            "2",
+            "--blocks-per-engine",
+            "500",
+            "--policy",
+            "all",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     # the keys it always had, and the time model's (added, never renamed)
-    assert set(doc["policies"]) == {"round_robin", "least_load", "first_block_hash", "prefix",
-                                    "oracle", "ttft", "ttft_oracle"}  # fmt: skip
+    assert set(doc["policies"]) == {
+        "round_robin",
+        "least_load",
+        "first_block_hash",
+        "prefix",
+        "oracle",
+        "ttft",
+        "ttft_oracle",
+    }
     for p in doc["policies"].values():
         assert set(p) == {"hit_rate", "prefill_tokens", "prompt_tokens", "load_cv"} | {
             "ttft_p50_s",
@@ -128,8 +155,11 @@ def test_cli_simulate_json_contract(tmp_path) -> None:
             "queue_wait_p99_s",
         }
         assert 0 <= p["hit_rate"] <= 1 and p["prefill_tokens"] <= p["prompt_tokens"]
-    bad = subprocess.run([sys.executable, "-m", "kvforge.cli.main", "simulate", str(path),
-                          "--policy", "nope"], capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "kvforge.cli.main", "simulate", str(path), "--policy", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "unknown policy" in bad.stderr
 
 
@@ -166,8 +196,9 @@ def test_duplicate_copies_reach_the_residency_as_vllm_sends_them() -> None:
     ctx = zmq.Context()
     res = ResidencyIndex()
     pub = EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", context=ctx)
-    sub = EventSubscriber("e", pub.endpoint, res, replay_endpoint=pub.replay_endpoint,
-                          context=ctx).start()  # fmt: skip
+    sub = EventSubscriber(
+        "e", pub.endpoint, res, replay_endpoint=pub.replay_endpoint, context=ctx
+    ).start()
     time.sleep(0.2)
     try:
         e = SimEngine("e", num_blocks=4, publisher=pub)

@@ -55,8 +55,10 @@ def test_spans_equal_brute_force_on_random_prompts(index_url, data: st.DataObjec
         return [rnd.randrange(vocab) for _ in range(n)]
 
     doc = toks(rnd.randint(20, 120))
-    owners = {f"a{i}": toks(rnd.randint(0, 40)) + doc + toks(rnd.randint(0, 40))
-              for i in range(rnd.randint(1, 3))}  # fmt: skip
+    owners = {
+        f"a{i}": toks(rnd.randint(0, 40)) + doc + toks(rnd.randint(0, 40))
+        for i in range(rnd.randint(1, 3))
+    }
     m = SyncMatcher(block_size=16, index=index_url())
     for name, t in owners.items():
         m.index_prompt(name, t)
@@ -141,7 +143,8 @@ def test_spans_on_real_text_and_cacheblend_budget(index_url) -> None:
     top = r.moved_spans[0]
     assert top.owner == "retriever" and top.length > 1000
     assert q[top.query_start : top.query_start + top.length] == list(
-        a[top.owner_start : top.owner_start + top.length])  # fmt: skip
+        a[top.owner_start : top.owner_start + top.length]
+    )
     assert r.exact_blocks == 0 and all(b.kind != "exact" for b in r.blocks)
     assert r.moved_tokens >= top.length - 16 and r.recompute_tokens == -(
         -r.moved_tokens * 15 // 100
@@ -152,8 +155,9 @@ def test_winnowing_guarantee() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):
         shared = rng.integers(0, 100, GUARANTEED_SPAN)
-        x = np.concatenate([rng.integers(0, 100, rng.integers(0, 40)), shared,
-                            rng.integers(0, 100, 20)])  # fmt: skip
+        x = np.concatenate(
+            [rng.integers(0, 100, rng.integers(0, 40)), shared, rng.integers(0, 100, 20)]
+        )
         y = np.concatenate([rng.integers(0, 100, rng.integers(0, 40)), shared])
         hx, hy = set(winnow(x)[1].tolist()), set(winnow(y)[1].tolist())
         assert hx & hy
@@ -190,8 +194,10 @@ def test_near_radius_search_equals_brute_force(radius: int, index_url) -> None:
 
 def test_near_finds_small_edits_and_explains_them(index_url) -> None:
     tk = PromptTokenizer.qwen3()
-    text = ("Meeting notes for 2026-11-27. Attendees: Alice, Bob. The planner proposed a "
-            "token bucket; the critic asked for a Redis outage drill. ") * 8  # fmt: skip
+    text = (
+        "Meeting notes for 2026-11-27. Attendees: Alice, Bob. The planner proposed a "
+        "token bucket; the critic asked for a Redis outage drill. "
+    ) * 8
     m = SyncMatcher(tokenizer=tk, index=index_url())
     m.index_prompt("notes", text)
     q = text.replace("2026-11-27", "2026-11-28")
@@ -259,8 +265,9 @@ def test_no_query_of_one_tenant_ever_sees_another(index_url, data: st.DataObject
     doc = [rnd.randrange(40) for _ in range(rnd.randint(40, 120))]
     url = index_url()
     m = SyncMatcher(block_size=16, index=url)
-    router = Router([EngineConfig("e0"), EngineConfig("e1")], residency=open_residency(url),
-                    speculative_ttl=0)  # fmt: skip
+    router = Router(
+        [EngineConfig("e0"), EngineConfig("e1")], residency=open_residency(url), speculative_ttl=0
+    )
     held: dict[str, list[list[int]]] = {"A": [], "B": []}
     for i in range(rnd.randint(1, 4)):
         tenant = rnd.choice(["A", "B"])

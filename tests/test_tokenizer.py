@@ -138,8 +138,16 @@ def test_local_tokenizer_file(tmp_path: Path, qwen3: PromptTokenizer) -> None:
 
 # ---- the piecewise cache and the fast encoder: always HF's ids ----------------------------
 
-SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>",
-            "<think>", "</think>", "<|vision_start|>"]  # fmt: skip
+SPECIALS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<think>",
+    "</think>",
+    "<|vision_start|>",
+]
 
 
 def _hf(qwen3: PromptTokenizer, text: str, special: bool = True) -> list[int]:
@@ -185,9 +193,13 @@ def test_piecewise_equals_a_whole_encode_on_random_text_with_special_tokens(
 
 def test_fast_encoder_on_every_text_we_ship(qwen3: PromptTokenizer) -> None:
     root = Path(__file__).resolve().parents[1]
-    files = [*sorted((root / "src").rglob("*.py")), *sorted(root.glob("*.md")),
-             *sorted((root / "docs").glob("*.md")), *sorted((root / "tests/data").glob("*.json")),
-             root / "src/kvforge/tokenize/data/qwen3/LICENSE"]  # fmt: skip
+    files = [
+        *sorted((root / "src").rglob("*.py")),
+        *sorted(root.glob("*.md")),
+        *sorted((root / "docs").glob("*.md")),
+        *sorted((root / "tests/data").glob("*.json")),
+        root / "src/kvforge/tokenize/data/qwen3/LICENSE",
+    ]
     total = 0
     for f in files:
         text = f.read_text("utf-8", errors="replace")
@@ -198,8 +210,16 @@ def test_fast_encoder_on_every_text_we_ship(qwen3: PromptTokenizer) -> None:
 
 def test_chat_pieces_repeat_across_requests_and_stay_per_tenant(qwen3: PromptTokenizer) -> None:
     system = "You are one agent of a code-review pipeline. Follow the shared rules. " * 60
-    tools = [{"type": "function", "function": {"name": "run_tests", "description": "x " * 300,
-                                               "parameters": {"type": "object"}}}]  # fmt: skip
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "run_tests",
+                "description": "x " * 300,
+                "parameters": {"type": "object"},
+            },
+        }
+    ]
     pieces = qwen3.pieces
     assert pieces is not None
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "first " * 80}]
@@ -254,8 +274,11 @@ def test_render_options_refused_like_vllm(qwen3: PromptTokenizer) -> None:
     with pytest.raises(InvalidInputError, match="cannot both be true"):
         ChatOptions(continue_final_message=True)  # add_generation_prompt defaults to true
     with pytest.raises(InvalidInputError, match="cannot both be true"):
-        ChatOptions(add_generation_prompt=False, continue_final_message=True,
-                    chat_template_kwargs={"add_generation_prompt": True})  # fmt: skip
+        ChatOptions(
+            add_generation_prompt=False,
+            continue_final_message=True,
+            chat_template_kwargs={"add_generation_prompt": True},
+        )
     with pytest.raises(InvalidInputError, match="may not set messages"):
         ChatOptions(chat_template_kwargs={"messages": []})
     with pytest.raises(InvalidInputError, match="booleans"):
@@ -278,8 +301,10 @@ def test_tools_are_rendered_as_vllm_dumps_them(qwen3: PromptTokenizer) -> None:
     )
     assert "\n" + want + "\n</tools>" in out
     bare = qwen3.render_chat(USER, tools=[{"type": "function", "function": {"name": "g"}}])
-    assert '{"type": "function", "function": {"name": "g", "description": null, ' \
-           '"parameters": null}}' in bare  # fmt: skip
+    assert (
+        '{"type": "function", "function": {"name": "g", "description": null, '
+        '"parameters": null}}' in bare
+    )
     for bad, why in (
         ([{"type": "custom", "custom": {}}], "only function tools"),
         ([{"type": "function", "function": {"description": "x"}}], "string 'name'"),

@@ -23,8 +23,10 @@ SYSTEM = list(range(2000, 2128))  # 8 blocks
 def test_workers_need_a_shared_index() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "kvforge.cli.main", "serve", "--workers", "2"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "needs a shared index_url" in out.stderr
 
 
@@ -47,18 +49,24 @@ def test_two_workers_share_index_and_events(redis_server: RedisServer, tmp_path:
             assert m["prefix_blocks_by_owner"] == {"a": 8}
         # the engine's events reach every worker: publish until both subscribers are up
         hashes = chain_keys(BlockHasher().chain(SYSTEM)).tolist()
-        ev = BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=SYSTEM,
-                         block_size=16, medium="GPU")  # fmt: skip
+        ev = BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=None,
+            token_ids=SYSTEM,
+            block_size=16,
+            medium="GPU",
+        )
         seen: set[int] = set()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             pub.publish([ev])  # the same blocks again: idempotent per copy
             time.sleep(0.2)
             answers = [
-                httpx.post(url + "/v1/route", json={"token_ids": SYSTEM + [1] * 16},
-                           timeout=10).json()
+                httpx.post(
+                    url + "/v1/route", json={"token_ids": SYSTEM + [1] * 16}, timeout=10
+                ).json()
                 for _ in range(12)
-            ]  # fmt: skip
+            ]
             seen = {a["cached_blocks"] for a in answers}
             if seen == {8}:
                 break

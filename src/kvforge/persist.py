@@ -51,10 +51,17 @@ class _Snapshot(msgspec.Struct):
 def save_snapshot(matcher: SyncMatcher, path: str | Path) -> int:
     """Write the matcher's index to ``path`` atomically; returns the number of owners."""
     owners = [
-        _Owner(r.tenant, r.info.owner, r.info.num_tokens, r.info.cache_salt,
-               r.info.lora_name, r.namespace, r.tokens.astype("<u4").tobytes())
+        _Owner(
+            r.tenant,
+            r.info.owner,
+            r.info.num_tokens,
+            r.info.cache_salt,
+            r.info.lora_name,
+            r.namespace,
+            r.tokens.astype("<u4").tobytes(),
+        )
         for r in matcher.export()
-    ]  # fmt: skip
+    ]
     body = msgspec.msgpack.encode(_Snapshot(1, matcher.block_size, matcher.hash_algo, owners))
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")

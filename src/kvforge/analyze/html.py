@@ -69,8 +69,12 @@ def _bars(result: TraceAnalysis) -> str:
         x = float(left)
         y = top_pad + i * row
         body.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{escape(name)}</text>')
-        for kind, value in (("exact", a.exact_tokens), ("moved", a.moved_tokens),
-                            ("near", a.near_tokens), ("unique", unique)):  # fmt: skip
+        for kind, value in (
+            ("exact", a.exact_tokens),
+            ("moved", a.moved_tokens),
+            ("near", a.near_tokens),
+            ("unique", unique),
+        ):
             w = plot * value / axis_max
             if w > 0:
                 body.append(
@@ -84,8 +88,7 @@ def _bars(result: TraceAnalysis) -> str:
             f'<text class="value" x="{x + 6:.1f}" y="{y + 14}">'
             f"{_compact(a.prompt_tokens)} ({pct:.0f}% exact)</text>"
         )
-    body.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot}" y2="{axis_y}" '
-                'stroke="#444"/>')  # fmt: skip
+    body.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot}" y2="{axis_y}" stroke="#444"/>')
     v = 0.0
     while v <= axis_max + 1e-9:
         tx = left + plot * v / axis_max
@@ -131,12 +134,15 @@ def _heatmap(result: TraceAnalysis) -> str:
     ]
     for j, src in enumerate(agents):
         x = left + j * cell + cell / 2
-        body.append(f'<text x="{x}" y="{top - 8}" transform="rotate(-40 {x} {top - 8})">'
-                    f"{escape(src)}</text>")  # fmt: skip
+        body.append(
+            f'<text x="{x}" y="{top - 8}" transform="rotate(-40 {x} {top - 8})">'
+            f"{escape(src)}</text>"
+        )
     for i, agent in enumerate(agents):
         y = top + i * cell
-        body.append(f'<text x="{left - 6}" y="{y + cell / 2 + 4}" text-anchor="end">'
-                    f"{escape(agent)}</text>")  # fmt: skip
+        body.append(
+            f'<text x="{left - 6}" y="{y + cell / 2 + 4}" text-anchor="end">{escape(agent)}</text>'
+        )
         for j, src in enumerate(agents):
             v = result.pair_exact.get((agent, src), 0)
             mv = result.pair_moved.get((agent, src), 0)
@@ -160,8 +166,10 @@ def _heatmap(result: TraceAnalysis) -> str:
     h = grid_w / steps
     for k in range(steps):
         fill, _ = _heat(round(peak * (steps - k - 0.5) / steps), peak)
-        body.append(f'<rect x="{scale_x}" y="{top + k * h:.1f}" width="16" height="{h + 0.5:.1f}" '
-                    f'fill="{fill}"/>')  # fmt: skip
+        body.append(
+            f'<rect x="{scale_x}" y="{top + k * h:.1f}" width="16" height="{h + 0.5:.1f}" '
+            f'fill="{fill}"/>'
+        )
     body.append(
         f'<rect x="{scale_x}" y="{top}" width="16" height="{grid_w}" fill="none" stroke="#888"/>'
         f'<text class="tick" x="{scale_x + 22}" y="{top + 10}">{_compact(peak)}</text>'

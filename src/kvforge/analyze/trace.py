@@ -87,9 +87,10 @@ def _request(obj: Any, where: str, line: int) -> TraceRequest:
         raise InvalidInputError(f"{where}: 't' must be a number")
     try:
         chat = ChatOptions.from_fields(
-            obj.get("add_generation_prompt"), obj.get("continue_final_message"),
+            obj.get("add_generation_prompt"),
+            obj.get("continue_final_message"),
             obj.get("chat_template_kwargs"),
-        )  # fmt: skip
+        )
     except InvalidInputError as exc:
         raise InvalidInputError(f"{where}: {exc}") from None
     if chat is not None and kinds[0] != "messages":

@@ -179,9 +179,12 @@ def hash_cmd(
     table.add_column("text", overflow="fold")
     for r in rows:
         table.add_row(
-            str(r["index"]), str(r["start"]), r["hash_hex"][:16] + "…", str(r["event_hash"]),
+            str(r["index"]),
+            str(r["start"]),
+            r["hash_hex"][:16] + "…",
+            str(r["event_hash"]),
             repr(r["text"]),
-        )  # fmt: skip
+        )
     console.print(table)
     tail = len(tp) - len(rows) * bs
     if tail:
@@ -235,8 +238,10 @@ def analyze_cmd(
             block_size=block_size, hash_algo=algo, hash_seed=hash_seed, tokenizer=tokenizer
         )
         opts: dict[str, Any] = {
-            "ms_per_block": ms_per_block, "max_blocks": max_blocks, "min_gain_tokens": min_gain
-        }  # fmt: skip
+            "ms_per_block": ms_per_block,
+            "max_blocks": max_blocks,
+            "min_gain_tokens": min_gain,
+        }
         if as_json:
             result = analyze(reqs, matcher, **opts)
         else:
@@ -261,21 +266,36 @@ def analyze_cmd(
         return
     console = Console()
     t = Table(title="Per agent (tokens)", title_justify="left")
-    for col in ("agent", "requests", "prompt", "exact (prefix)", "moved", "near", "exact %",
-                "prefill saved"):  # fmt: skip
+    for col in (
+        "agent",
+        "requests",
+        "prompt",
+        "exact (prefix)",
+        "moved",
+        "near",
+        "exact %",
+        "prefill saved",
+    ):
         t.add_column(col, justify="left" if col == "agent" else "right")
     for name, a in sorted(result.agents.items()):
         pct = 100 * a.exact_tokens / a.prompt_tokens if a.prompt_tokens else 0.0
         t.add_row(
-            name, str(a.requests), f"{a.prompt_tokens:,}", f"{a.exact_tokens:,}",
-            f"{a.moved_tokens:,}", f"{a.near_tokens:,}", f"{pct:.0f}%",
+            name,
+            str(a.requests),
+            f"{a.prompt_tokens:,}",
+            f"{a.exact_tokens:,}",
+            f"{a.moved_tokens:,}",
+            f"{a.near_tokens:,}",
+            f"{pct:.0f}%",
             f"{result.saved_ms(a.exact_tokens):,.1f} ms",
-        )  # fmt: skip
+        )
     console.print(t)
     pairs = result.to_json()["pairs"]
     if pairs:
-        pt = Table(title="Who reuses whom (tokens of agent's requests held by source)",
-                   title_justify="left")  # fmt: skip
+        pt = Table(
+            title="Who reuses whom (tokens of agent's requests held by source)",
+            title_justify="left",
+        )
         for col in ("agent", "source", "exact", "moved"):
             pt.add_column(col, justify="left" if col in ("agent", "source") else "right")
         for p in pairs:
@@ -325,8 +345,12 @@ def export_trace_cmd(
     if fmt != "mooncake":
         _fail(f"unknown format {fmt!r}; supported: mooncake")
     try:
-        lines = mooncake_lines(iter_trace(trace), PromptTokenizer.resolve(tokenizer),
-                               block_size=block_size, output_length=output_length)  # fmt: skip
+        lines = mooncake_lines(
+            iter_trace(trace),
+            PromptTokenizer.resolve(tokenizer),
+            block_size=block_size,
+            output_length=output_length,
+        )
         if out is None:
             write_mooncake(lines, sys.stdout)
         else:
@@ -386,8 +410,9 @@ def doctor_cmd(
         if trace is not None:
             samples += trace_samples(iter_trace(trace), trace_limit)
         key = os.environ.get(api_key_env) if api_key_env else None
-        doc = Doctor(url, tk, algo=algo, block_size=block_size, hash_seed=hash_seed,
-                     model=model, api_key=key)  # fmt: skip
+        doc = Doctor(
+            url, tk, algo=algo, block_size=block_size, hash_seed=hash_seed, model=model, api_key=key
+        )
         try:
             report = doc.run(samples, events=events, topic=topic)
         finally:
@@ -479,8 +504,15 @@ def simulate_cmd(
         title=f"{len(reqs)} requests on {engines} engines × {blocks_per_engine} blocks",
         title_justify="left",
     )
-    for col in ("policy", "hit rate", "prefill tokens", "prompt tokens", "load CV",
-                "TTFT p50 (ms)", "TTFT p99 (ms)"):  # fmt: skip
+    for col in (
+        "policy",
+        "hit rate",
+        "prefill tokens",
+        "prompt tokens",
+        "load CV",
+        "TTFT p50 (ms)",
+        "TTFT p99 (ms)",
+    ):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for p, res in results.items():
         j = res.to_json()
@@ -553,11 +585,21 @@ def serve_cmd(
     from kvforge.serve.factory import SERVE_ARGS_ENV, api_token, build_app, serve_args
 
     overrides: dict[str, dict[str, Any]] = {
-        "service": {"host": host, "port": port, "api_token_env": api_token_env,
-                    "index_url": index_url, "workers": workers, "record_path": record},
-        "matcher": {"block_size": block_size, "hash_algo": algo, "hash_seed": hash_seed,
-                    "tokenizer": tokenizer},
-    }  # fmt: skip
+        "service": {
+            "host": host,
+            "port": port,
+            "api_token_env": api_token_env,
+            "index_url": index_url,
+            "workers": workers,
+            "record_path": record,
+        },
+        "matcher": {
+            "block_size": block_size,
+            "hash_algo": algo,
+            "hash_seed": hash_seed,
+            "tokenizer": tokenizer,
+        },
+    }
     note = Console(stderr=True).print
     try:
         cfg = load_config(config, overrides=overrides)
@@ -576,8 +618,14 @@ def serve_cmd(
         return
     # each worker process builds the same service from the same configuration
     os.environ[SERVE_ARGS_ENV] = serve_args(str(config) if config else None, overrides)
-    uvicorn.run("kvforge.serve.factory:app_from_env", factory=True, workers=sc.workers,
-                host=sc.host, port=sc.port, log_level="info")  # fmt: skip
+    uvicorn.run(
+        "kvforge.serve.factory:app_from_env",
+        factory=True,
+        workers=sc.workers,
+        host=sc.host,
+        port=sc.port,
+        log_level="info",
+    )
 
 
 def main() -> None:

@@ -81,8 +81,9 @@ class EventSubscriber:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> EventSubscriber:
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True,
-                                        name=f"kv-events-{self.engine}")  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), daemon=True, name=f"kv-events-{self.engine}"
+        )
         self._thread.start()
         ready.wait(5)
         return self
@@ -145,8 +146,13 @@ class EventSubscriber:
             st.malformed += 1
             st.rejected += 1
             if st.rejected & (st.rejected - 1) == 0:  # 1st, 2nd, 4th, ...: never a log flood
-                log.warning("engine %s: batch %d rejected (%d so far): %s", self.engine, seq,
-                            st.rejected, exc)  # fmt: skip
+                log.warning(
+                    "engine %s: batch %d rejected (%d so far): %s",
+                    self.engine,
+                    seq,
+                    st.rejected,
+                    exc,
+                )
             batch = None
         last = st.last_seq
         restarted = False
@@ -193,8 +199,10 @@ class EventSubscriber:
             # history is gone: whatever we believed about this engine may be stale
             log.warning(
                 "engine %s: batches %d..%d lost; treating it as cleared",
-                self.engine, start, upto - 1,
-            )  # fmt: skip
+                self.engine,
+                start,
+                upto - 1,
+            )
             self.sink.clear_engine(self.engine)
             self.stats.resyncs += 1
         for s, b in wanted:

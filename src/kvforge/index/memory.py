@@ -684,9 +684,11 @@ class _Tenant:
             return {}
         sizes = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
         rows = np.concatenate(
-            [np.repeat(np.asarray(part_rows, dtype=np.int64), sizes),
-             np.asarray(single_rows, dtype=np.int64)]
-        )  # fmt: skip
+            [
+                np.repeat(np.asarray(part_rows, dtype=np.int64), sizes),
+                np.asarray(single_rows, dtype=np.int64),
+            ]
+        )
         cands = np.concatenate([*parts, np.asarray(singles, dtype=np.int64)])
         packed = (rows << 32) | cands
         uniq, counts = np.unique(packed, return_counts=True)
@@ -792,9 +794,14 @@ class _Tenant:
     def nbytes(self) -> tuple[int, int, int]:
         """Approximate bytes held: (exact index, content store, similarity tables)."""
         exact_arrays = (
-            self.b_key, self.b_parent, self.b_content, self.b_depth, self.b_owner, self.b_nown,
+            self.b_key,
+            self.b_parent,
+            self.b_content,
+            self.b_depth,
+            self.b_owner,
+            self.b_nown,
             self.b_child,
-        )  # fmt: skip
+        )
         exact = sum(a.nbytes for a in exact_arrays) + self.chain.nbytes
         for tree in (self.more_children, self.root_children, self.ends):
             exact += sys.getsizeof(tree) + 64 * len(tree)

@@ -10,8 +10,13 @@ from kvforge.index.base import BlockIndex
 from kvforge.index.memory import MemoryIndex
 
 # query parameters kvforge reads itself; the rest go to the Redis client (e.g. ``ssl_cert_reqs``)
-_OWN = {"prefix": str, "ttl": float, "feed_cap": int, "socket_timeout": float,
-        "follow": lambda v: v.lower() not in ("0", "false", "no")}  # fmt: skip
+_OWN = {
+    "prefix": str,
+    "ttl": float,
+    "feed_cap": int,
+    "socket_timeout": float,
+    "follow": lambda v: v.lower() not in ("0", "false", "no"),
+}
 
 
 def split_redis_url(url: str) -> tuple[str, dict[str, object]]:

@@ -210,8 +210,12 @@ class RedisIndex(BlockIndex):
         if follow:
             # Apply peers' writes as they happen, so a query rarely finds any to apply: it
             # still checks the version (reads stay current), but pays no indexing work.
-            threading.Thread(target=_follow, args=(weakref.ref(self), url), daemon=True,
-                             name="kvforge-index-follower").start()  # fmt: skip
+            threading.Thread(
+                target=_follow,
+                args=(weakref.ref(self), url),
+                daemon=True,
+                name="kvforge-index-follower",
+            ).start()
 
     # ---- setup ---------------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -250,9 +254,16 @@ class RedisIndex(BlockIndex):
     # ---- records -------------------------------------------------------------------------
     @staticmethod
     def _encode(seq: BlockSequence, info: OwnerInfo) -> bytes:
-        return _ENCODER.encode(_Record(info.owner, info.num_tokens, info.cache_salt,
-                                       info.lora_name, seq.namespace,
-                                       seq.tokens.astype("<u4").tobytes()))  # fmt: skip
+        return _ENCODER.encode(
+            _Record(
+                info.owner,
+                info.num_tokens,
+                info.cache_salt,
+                info.lora_name,
+                seq.namespace,
+                seq.tokens.astype("<u4").tobytes(),
+            )
+        )
 
     def _decode(self, owner: str, raw: bytes) -> tuple[BlockSequence, OwnerInfo]:
         rec = _DECODER.decode(raw)
@@ -262,8 +273,7 @@ class RedisIndex(BlockIndex):
         salt, lora_name, lora_path = rec.namespace
         lora = LoRA(lora_name, lora_path) if lora_name else None
         seq = BlockSequence(self.hasher, tokens, cache_salt=salt or None, lora=lora)
-        info = OwnerInfo(owner, rec.num_tokens, seq.num_blocks, rec.cache_salt,
-                         rec.lora_name)  # fmt: skip
+        info = OwnerInfo(owner, rec.num_tokens, seq.num_blocks, rec.cache_salt, rec.lora_name)
         return seq, info
 
     def _apply(self, tenant: str, owner: str, raw: bytes | None) -> None:
@@ -320,8 +330,9 @@ class RedisIndex(BlockIndex):
         if now - c.swept < max(1.0, self.ttl_ms / 10_000):
             return
         c.swept = now
-        self.store.call(self._sweep, keys=self._keys(tenant),
-                        args=[self.ttl_ms, self.feed_cap, _BATCH])  # fmt: skip
+        self.store.call(
+            self._sweep, keys=self._keys(tenant), args=[self.ttl_ms, self.feed_cap, _BATCH]
+        )
 
     def _rebuild(self, tenant: str, skip: str | None = None) -> None:
         """Replace the replica of ``tenant`` by the hash's content, then follow the feed from
@@ -373,8 +384,11 @@ class RedisIndex(BlockIndex):
         def run() -> Any:
             with r.pipeline(transaction=True) as p:
                 self._catch_up(keys=keys, args=args, client=p)
-                self._write(keys=self._keys(tenant),
-                            args=[owner, record, self.feed_cap, self.ttl_ms], client=p)  # fmt: skip
+                self._write(
+                    keys=self._keys(tenant),
+                    args=[owner, record, self.feed_cap, self.ttl_ms],
+                    client=p,
+                )
                 p.sadd(self.store.key("tenants"), tenant)
                 return p.execute()
 
@@ -434,8 +448,9 @@ class RedisIndex(BlockIndex):
             # fail open: a stale replica could claim blocks another process cleared
             self.degraded_lookups += 1
             return LookupResult(0, {}, [], degraded=True)
-        return self.replica.lookup(tenant, seq, exclude=exclude, near_radius=near_radius,
-                                   spans=spans)  # fmt: skip
+        return self.replica.lookup(
+            tenant, seq, exclude=exclude, near_radius=near_radius, spans=spans
+        )
 
     # The three below explain a lookup just made (under the matcher's lock): no round trip.
     @_locked
@@ -497,8 +512,12 @@ class RedisIndex(BlockIndex):
         return iter(list(self.replica.export(tenant)))  # materialized under the lock
 
     def health(self) -> dict[str, Any]:
-        return {**self.store.health(), "resyncs": self.resyncs, "applied": self.applied,
-                "degraded_lookups": self.degraded_lookups}  # fmt: skip
+        return {
+            **self.store.health(),
+            "resyncs": self.resyncs,
+            "applied": self.applied,
+            "degraded_lookups": self.degraded_lookups,
+        }
 
 
 def _follow(ref: weakref.ref[RedisIndex], url: str, block_ms: int = 500) -> None:
@@ -515,8 +534,9 @@ def _follow(ref: weakref.ref[RedisIndex], url: str, block_ms: int = 500) -> None
                 idx.store.tenant_key(t, "feed"): (t, c.feed_id) for t, c in idx._cursors.items()
             }
         if client is None:
-            client = redis.Redis.from_url(url, socket_timeout=block_ms / 1000 + 2,
-                                          socket_connect_timeout=1.0)  # fmt: skip
+            client = redis.Redis.from_url(
+                url, socket_timeout=block_ms / 1000 + 2, socket_connect_timeout=1.0
+            )
         del idx  # never block while holding the index alive
         if not feeds:
             time.sleep(block_ms / 1000)

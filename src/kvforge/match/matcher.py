@@ -328,9 +328,12 @@ class SyncMatcher:
         key = _key or _tenant_key(tenant)
         with self.tenant_lock(key):
             hit = self.index.lookup(
-                key, seq, exclude=exclude_agent, near_radius=self.near_radius,
+                key,
+                seq,
+                exclude=exclude_agent,
+                near_radius=self.near_radius,
                 spans=self.find_spans,
-            )  # fmt: skip
+            )
             best = _best_owner(hit)
             if best is None and seq.num_blocks and not hit.degraded:
                 # Nothing shared at block granularity: explain against the prompt that agrees
@@ -350,10 +353,15 @@ class SyncMatcher:
             divergence = self._divergence(tp, seq, best, depth, owner_tokens, info, cache_salt)
         bs = seq.block_size
         spans = [
-            MovedSpan(sp.owner, sp.query_start, sp.owner_start, sp.length,
-                      max(0, (sp.query_start + sp.length) // bs - -(-sp.query_start // bs)))
+            MovedSpan(
+                sp.owner,
+                sp.query_start,
+                sp.owner_start,
+                sp.length,
+                max(0, (sp.query_start + sp.length) // bs - -(-sp.query_start // bs)),
+            )
             for sp in hit.spans
-        ]  # fmt: skip
+        ]
         moved_tokens = _moved_coverage(seq.num_tokens, bs, hit.exact_blocks, hit, spans)
         return MatchReport(
             num_tokens=seq.num_tokens,

@@ -149,8 +149,11 @@ class ResidencyIndex:
     def _bound(self, e: EngineResidency) -> None:
         if e.blocks() > self.max_blocks_per_engine:
             self.overflows += 1
-            log.warning("engine %s announced over %d blocks: dropping its residency",
-                        e.name, self.max_blocks_per_engine)  # fmt: skip
+            log.warning(
+                "engine %s announced over %d blocks: dropping its residency",
+                e.name,
+                self.max_blocks_per_engine,
+            )
             self._clear(e)
 
     def remove(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:

@@ -89,8 +89,14 @@ class HashMemo:
 class _LazyKeys:
     """One request's block hashes (u64 event form), computed on demand through the memo."""
 
-    def __init__(self, memo: HashMemo, toks: tuple[int, ...], salt: str | None,
-                 lora: LoRA | None, scope: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        memo: HashMemo,
+        toks: tuple[int, ...],
+        salt: str | None,
+        lora: LoRA | None,
+        scope: str = "",
+    ) -> None:
         bs = memo.hasher.block_size
         self.memo, self.toks, self.salt, self.lora = memo, toks, salt, lora
         self.scope = scope
@@ -148,9 +154,11 @@ class _LazyKeys:
             if hit is None:
                 hit = old.get(key)
                 if hit is None:
-                    extra = later_extra if i else block_extra_keys(
-                        0, bs, lora=self.lora, cache_salt=self.salt
-                    )  # fmt: skip
+                    extra = (
+                        later_extra
+                        if i
+                        else block_extra_keys(0, bs, lora=self.lora, cache_salt=self.salt)
+                    )
                     h = hasher.hash_block(prev, toks[i * bs : (i + 1) * bs], extra)
                     hit = (h, int.from_bytes(h[-8:], "big"))
                 fresh.append((key, hit))
@@ -262,9 +270,16 @@ class Router:
             else self.tokenizer.tokenize(prompt, tools=tools, chat=chat)
         )
         return self.route_tokens(
-            tp.token_ids, loads=loads, cache_salt=cache_salt, lora=lora, engines=engines,
-            speculate=speculate, now=now, dispatch=dispatch, tenant=tenant,
-        )  # fmt: skip
+            tp.token_ids,
+            loads=loads,
+            cache_salt=cache_salt,
+            lora=lora,
+            engines=engines,
+            speculate=speculate,
+            now=now,
+            dispatch=dispatch,
+            tenant=tenant,
+        )
 
     def route_tokens(
         self,
@@ -328,9 +343,11 @@ class Router:
         # lowest cost; ties go to a rendezvous hash of the first block, so cold prompts spread
         low = min((costs[c], load[c]) for c in eligible)
         tied = [c for c in eligible if (costs[c], load[c]) == low]
-        best = tied[0] if len(tied) == 1 else min(
-            tied, key=lambda c: xxhash.xxh3_64_intdigest(f"{c}/{tie}".encode())
-        )  # fmt: skip
+        best = (
+            tied[0]
+            if len(tied) == 1
+            else min(tied, key=lambda c: xxhash.xxh3_64_intdigest(f"{c}/{tie}".encode()))
+        )
         reason = "longest cached prefix" if held[best] else "no engine holds the prefix"
         if len(fresh) < len(candidates):
             reason += f" ({len(candidates) - len(fresh)} stale engines skipped)"
@@ -344,8 +361,7 @@ class Router:
             # now where the tree did not know them; the memo keeps a repeat cheap)
             keys = seq.upto(seq.num_blocks)[: seq.num_blocks]
             self.residency.speculate(best, keys, self.speculative_ttl, now)
-        return RouteDecision(best, held[best], seq.num_blocks, len(toks), scores, costs,
-                             reason)  # fmt: skip
+        return RouteDecision(best, held[best], seq.num_blocks, len(toks), scores, costs, reason)
 
     def _scores(
         self, seq: _LazyKeys, members: list[str], now: float, root_extra: list[str] | None

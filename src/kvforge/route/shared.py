@@ -93,9 +93,10 @@ class _Inbox:
         horizon = time.monotonic() - keep_s
         items = self.items
         while items and (
-            len(items) > cap or self.nbytes > 64 << 20
+            len(items) > cap
+            or self.nbytes > 64 << 20
             or (items[0][1] < horizon and items[0][0] <= self.sent)
-        ):  # fmt: skip
+        ):
             n, _, _, _, payload = items.popleft()
             self.nbytes -= len(payload)
             if n > self.sent and ours:
@@ -198,8 +199,11 @@ class SharedResidency(ResidencyIndex):
             else:
                 box.hole = True
         self.takeovers += 1
-        log.info("taking over KV-event ingestion of engine %s (%d entries to append)",
-                 engine, box.next_n - 1 - box.sent)  # fmt: skip
+        log.info(
+            "taking over KV-event ingestion of engine %s (%d entries to append)",
+            engine,
+            box.next_n - 1 - box.sent,
+        )
 
     def _append(self, engine: str, kind: str, payload: bytes) -> None:
         with self._ingest_lock:
@@ -315,10 +319,12 @@ class SharedResidency(ResidencyIndex):
                 return
             with self._lock:
                 at = self._last_id
-                snap = _Snapshot({
-                    n: {m: list(c.items()) for m, c in e.counts.items()}
-                    for n, e in self._engines.items()
-                })  # fmt: skip
+                snap = _Snapshot(
+                    {
+                        n: {m: list(c.items()) for m, c in e.counts.items()}
+                        for n, e in self._engines.items()
+                    }
+                )
             data = msgspec.msgpack.encode(snap)
 
             def run() -> Any:
@@ -367,10 +373,14 @@ class SharedResidency(ResidencyIndex):
             return sum(b.next_n - 1 - b.sent for e, b in self._inboxes.items() if e in self._held)
 
     def health(self) -> dict[str, Any]:
-        return {**self.redis.health(), "appended": self.appended,
-                "standby_dropped": self.standby_dropped, "pending": self._unsent(),
-                "takeovers": self.takeovers,
-                "degraded_walks": self.degraded_walks}  # fmt: skip
+        return {
+            **self.redis.health(),
+            "appended": self.appended,
+            "standby_dropped": self.standby_dropped,
+            "pending": self._unsent(),
+            "takeovers": self.takeovers,
+            "degraded_walks": self.degraded_walks,
+        }
 
 
 class _NothingHeld(PrefixWalk):
@@ -391,5 +401,9 @@ def open_residency(url: str | None, tier_weights: dict[str, float] | None = None
     from kvforge.index.open import split_redis_url
 
     base, opts = split_redis_url(url)
-    return SharedResidency(base, prefix=str(opts.get("prefix", "kvf")), tier_weights=tier_weights,
-                           socket_timeout=float(opts.get("socket_timeout", 0.5)))  # fmt: skip
+    return SharedResidency(
+        base,
+        prefix=str(opts.get("prefix", "kvf")),
+        tier_weights=tier_weights,
+        socket_timeout=float(opts.get("socket_timeout", 0.5)),
+    )

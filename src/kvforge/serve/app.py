@@ -106,22 +106,32 @@ class RouteBody(PromptBody):
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("kvforge_requests", "HTTP requests", ["endpoint", "status"],
-                                registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "kvforge_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
+        )
         self.latency = Histogram(
-            "kvforge_request_seconds", "Request latency", ["endpoint"], registry=self.registry,
+            "kvforge_request_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-        )  # fmt: skip
-        self.blocks = Gauge("kvforge_index_blocks", "Distinct indexed blocks",
-                            registry=self.registry)  # fmt: skip
+        )
+        self.blocks = Gauge(
+            "kvforge_index_blocks", "Distinct indexed blocks", registry=self.registry
+        )
         self.agents = Gauge("kvforge_index_agents", "Indexed agents", registry=self.registry)
         self.hit_ratio = Histogram(
-            "kvforge_match_exact_ratio", "Share of a matched prompt reusable exactly",
-            registry=self.registry, buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
-        )  # fmt: skip
-        self.event_lag = Gauge("kvforge_engine_event_age_seconds",
-                               "Seconds since an engine's last KV event", ["engine"],
-                               registry=self.registry)  # fmt: skip
+            "kvforge_match_exact_ratio",
+            "Share of a matched prompt reusable exactly",
+            registry=self.registry,
+            buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+        )
+        self.event_lag = Gauge(
+            "kvforge_engine_event_age_seconds",
+            "Seconds since an engine's last KV event",
+            ["engine"],
+            registry=self.registry,
+        )
 
 
 class _BackendCollector(Collector):
@@ -133,12 +143,14 @@ class _BackendCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         index = self.matcher.index.health()
         fail = CounterMetricFamily(
-            "kvforge_backend_failures", "Calls to the shared backend that failed (failed open)",
+            "kvforge_backend_failures",
+            "Calls to the shared backend that failed (failed open)",
             labels=["part"],
-        )  # fmt: skip
+        )
         fail.add_metric(["index"], float(index.get("failures", 0)))
-        up = GaugeMetricFamily("kvforge_backend_up", "1 when the shared backend is reachable",
-                               labels=["part"])  # fmt: skip
+        up = GaugeMetricFamily(
+            "kvforge_backend_up", "1 when the shared backend is reachable", labels=["part"]
+        )
         up.add_metric(["index"], float(bool(index.get("available", True))))
         degraded = CounterMetricFamily(
             "kvforge_degraded_lookups", "Lookups answered 'nothing reusable' (backend down)"
@@ -279,10 +291,20 @@ class _AgentIdConvertor(Convertor[str]):
 register_url_convertor("agent_id", _AgentIdConvertor())
 
 _METRIC_PATHS = {
-    "/healthz", "/metrics", "/v1/index", "/v1/match", "/v1/prefix-hash", "/v1/agents",
-    "/v1/stats", "/v1/route", "/v1/chat/completions", "/v1/completions",
-    "/openapi.json", "/docs", "/redoc",
-}  # fmt: skip
+    "/healthz",
+    "/metrics",
+    "/v1/index",
+    "/v1/match",
+    "/v1/prefix-hash",
+    "/v1/agents",
+    "/v1/stats",
+    "/v1/route",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/openapi.json",
+    "/docs",
+    "/redoc",
+}
 
 
 class _LimitsAndMetrics:
@@ -305,9 +327,16 @@ class _LimitsAndMetrics:
 
     async def _refuse(self, send: Any) -> None:
         body = _json.encode({"detail": f"request body over the {self.max:,}-byte limit"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -445,8 +474,9 @@ def create_app(
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.encode(), api_token.encode()
         ):
-            raise HTTPException(401, "missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     def tenant(
         request: Request,
@@ -517,31 +547,58 @@ def create_app(
 
     @app.post("/v1/index", dependencies=deps, responses=writes)
     def index(body: IndexBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
-        r = m.index_prompt(body.agent_id, body.value(), tenant=t, cache_salt=body.cache_salt,
-                           lora=body.lora_pair(), tools=body.tools, chat=body.chat())  # fmt: skip
-        return {"agent_id": r.agent_id, "num_tokens": r.num_tokens, "num_blocks": r.num_blocks,
-                "new_blocks": r.new_blocks, "shared_blocks": r.shared_blocks,
-                "block_hashes": list(r.block_hashes)}  # fmt: skip
+        r = m.index_prompt(
+            body.agent_id,
+            body.value(),
+            tenant=t,
+            cache_salt=body.cache_salt,
+            lora=body.lora_pair(),
+            tools=body.tools,
+            chat=body.chat(),
+        )
+        return {
+            "agent_id": r.agent_id,
+            "num_tokens": r.num_tokens,
+            "num_blocks": r.num_blocks,
+            "new_blocks": r.new_blocks,
+            "shared_blocks": r.shared_blocks,
+            "block_hashes": list(r.block_hashes),
+        }
 
     def body_schema(model: type[BaseModel]) -> dict[str, Any]:
         """The pydantic model documents a body that msgspec decodes (``bodies``)."""
-        return {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": model.model_json_schema()}}}}  # fmt: skip
+        return {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": model.model_json_schema()}},
+            }
+        }
 
     invalid: dict[int | str, dict[str, Any]] = {
         422: {"description": "The body does not decode (FastAPI's error shape)."}
     }
 
-    @app.post("/v1/match", dependencies=deps, response_class=Response,
-              responses={**errors, **invalid}, openapi_extra=body_schema(MatchBody))  # fmt: skip
+    @app.post(
+        "/v1/match",
+        dependencies=deps,
+        response_class=Response,
+        responses={**errors, **invalid},
+        openapi_extra=body_schema(MatchBody),
+    )
     async def match(request: Request, t: str | None = Depends(tenant)) -> Response:
         body = decode(await request.body(), MatchStruct)
         return await run_in_threadpool(_match, body, t)
 
     def _match(body: MatchStruct, t: str | None) -> Response:
-        r = m.find_reusable_blocks(body.value(), exclude_agent=body.exclude_agent, tenant=t,
-                                   cache_salt=body.cache_salt, lora=body.lora_pair(),
-                                   tools=body.tools, chat=body.chat())  # fmt: skip
+        r = m.find_reusable_blocks(
+            body.value(),
+            exclude_agent=body.exclude_agent,
+            tenant=t,
+            cache_salt=body.cache_salt,
+            lora=body.lora_pair(),
+            tools=body.tools,
+            chat=body.chat(),
+        )
         if r.num_tokens:
             metrics.hit_ratio.observe(r.reusable_tokens / r.num_tokens)
         d = r.to_dict()
@@ -551,12 +608,19 @@ def create_app(
     @app.post("/v1/prefix-hash", dependencies=deps, responses=errors)
     def prefix_hash(body: PromptBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
         p = m.get_shared_prefix_hash(
-            body.value(), tenant=t, cache_salt=body.cache_salt, lora=body.lora_pair(),
-            tools=body.tools, chat=body.chat(),
-        )  # fmt: skip
-        return {"num_blocks": p.num_blocks, "prefix_hash_hex": p.prefix_hash_hex,
-                "first_block_hash_hex": p.first_block_hash_hex,
-                "prefix_event_hash": p.prefix_event_hash}  # fmt: skip
+            body.value(),
+            tenant=t,
+            cache_salt=body.cache_salt,
+            lora=body.lora_pair(),
+            tools=body.tools,
+            chat=body.chat(),
+        )
+        return {
+            "num_blocks": p.num_blocks,
+            "prefix_hash_hex": p.prefix_hash_hex,
+            "first_block_hash_hex": p.first_block_hash_hex,
+            "prefix_event_hash": p.prefix_event_hash,
+        }
 
     # an agent id may hold "/" or a newline (it can be indexed with one, so it must be
     # deletable): the ``agent_id`` convertor takes the rest of the path, whatever it holds
@@ -602,8 +666,9 @@ def create_app(
         tp = m.tokenize(body.value(), tools=body.tools, tenant=t, chat=body.chat())
         salt = body.cache_salt if tenant_salt is None else tenant_salt.salt(t, body.cache_salt)
         # advice only (nothing is forwarded): no speculation, no event expected of the engine
-        d = router.route(tp, loads=body.loads, cache_salt=salt, lora=body.lora, dispatch=False,
-                         tenant=t)  # fmt: skip
+        d = router.route(
+            tp, loads=body.loads, cache_salt=salt, lora=body.lora, dispatch=False, tenant=t
+        )
         out: dict[str, Any] = {"engine": d.engine, "num_blocks": d.num_blocks}
         if expose_decisions:
             out.update(cached_blocks=d.cached_blocks, scores=d.scores, reason=d.reason)
@@ -615,9 +680,16 @@ def create_app(
             urls = {n: e.url for n, e in router.engines.items() if e.url}
             scraper = resources["scraper"] = LoadScraper(urls, interval=scrape_interval)
         proxy = add_proxy(
-            app, m, router, deps, tenant, expose_decisions=expose_decisions,
-            tenant_salt=tenant_salt, recorder=recorder, scraper=scraper,
-        )  # fmt: skip
+            app,
+            m,
+            router,
+            deps,
+            tenant,
+            expose_decisions=expose_decisions,
+            tenant_salt=tenant_salt,
+            recorder=recorder,
+            scraper=scraper,
+        )
         resources["client"] = proxy.client
         resources["proxy"] = proxy
         metrics.registry.register(_ProxyCollector(proxy))

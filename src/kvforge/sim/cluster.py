@@ -164,8 +164,11 @@ def simulate(
             busy[e] = start + prefill
             result.queue_s.append(start - now)
             result.ttft_s.append(start + prefill - now)
-            decode = (cfg.decode_s if req.output_tokens is None
-                      else req.output_tokens * cfg.decode_s_per_token)  # fmt: skip
+            decode = (
+                cfg.decode_s
+                if req.output_tokens is None
+                else req.output_tokens * cfg.decode_s_per_token
+            )
             heapq.heappush(finishing, (start + prefill + decode, i, e, adm.blocks))
     finally:
         if wiring is not None:
@@ -183,8 +186,12 @@ class _EventWiring:
         self.publishers: list[EventPublisher] = []
         self.subscribers: list[EventSubscriber] = []
         for n in names:
-            pub = EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*",
-                                 topic=f"kv@{n}@sim", context=self.ctx)  # fmt: skip
+            pub = EventPublisher(
+                "tcp://127.0.0.1:*",
+                replay_endpoint="tcp://127.0.0.1:*",
+                topic=f"kv@{n}@sim",
+                context=self.ctx,
+            )
             self.publishers.append(pub)
             self.subscribers.append(
                 EventSubscriber(
@@ -196,15 +203,25 @@ class _EventWiring:
                     context=self.ctx,
                 ).start()
             )
-        configs = [EngineConfig(n, block_size=cfg.block_size, hash_algo=cfg.hash_algo,
-                                hash_seed=cfg.hash_seed) for n in names]  # fmt: skip
+        configs = [
+            EngineConfig(
+                n, block_size=cfg.block_size, hash_algo=cfg.hash_algo, hash_seed=cfg.hash_seed
+            )
+            for n in names
+        ]
         # ttft: costs in blocks of prefill on both sides (load = queued prefill blocks), and no
         # balance guard (the queue already prices an engine's backlog)
         self.router = (
-            Router(configs, residency=self.residency, load_weight=1.0, balance_rel=1e12,
-                   balance_abs=1e12)
-            if ttft else Router(configs, residency=self.residency)
-        )  # fmt: skip
+            Router(
+                configs,
+                residency=self.residency,
+                load_weight=1.0,
+                balance_rel=1e12,
+                balance_abs=1e12,
+            )
+            if ttft
+            else Router(configs, residency=self.residency)
+        )
 
     def sync(self, e: int) -> None:
         """Wait until engine ``e``'s last batch has been applied (deterministic replays; a
@@ -257,18 +274,25 @@ def _policy(
 
         def oracle(req: SimRequest, keys: list[int], now: float) -> int:
             toks = len(req.token_ids)
-            return max(range(n), key=lambda e: (engines[e].hit_blocks(keys, toks),
-                                                -engines[e].active_blocks, -e))  # fmt: skip
+            return max(
+                range(n),
+                key=lambda e: (engines[e].hit_blocks(keys, toks), -engines[e].active_blocks, -e),
+            )
 
         return oracle
     if name == "ttft_oracle":
 
         def ttft_oracle(req: SimRequest, keys: list[int], now: float) -> int:
             toks, bs = len(req.token_ids), cfg.block_size
-            return min(range(n), key=lambda e: (
-                max(now, busy[e]) + _prefill_s(cfg, toks, engines[e].hit_blocks(keys, toks) * bs),
-                engines[e].active_blocks, e,
-            ))  # fmt: skip
+            return min(
+                range(n),
+                key=lambda e: (
+                    max(now, busy[e])
+                    + _prefill_s(cfg, toks, engines[e].hit_blocks(keys, toks) * bs),
+                    engines[e].active_blocks,
+                    e,
+                ),
+            )
 
         return ttft_oracle
     assert wiring is not None
@@ -280,16 +304,18 @@ def _policy(
 
         def ttft(req: SimRequest, keys: list[int], now: float) -> int:
             queued = {eng.name: max(0.0, busy[i] - now) / block_s for i, eng in enumerate(engines)}
-            d = wiring.router.route_tokens(req.token_ids, loads=queued, cache_salt=req.cache_salt,
-                                           now=now)  # fmt: skip
+            d = wiring.router.route_tokens(
+                req.token_ids, loads=queued, cache_salt=req.cache_salt, now=now
+            )
             return index[d.engine]
 
         return ttft
 
     def prefix(req: SimRequest, keys: list[int], now: float) -> int:
         loads = {eng.name: float(eng.active_blocks) for eng in engines}
-        d = wiring.router.route_tokens(req.token_ids, loads=loads, cache_salt=req.cache_salt,
-                                       now=now)  # fmt: skip
+        d = wiring.router.route_tokens(
+            req.token_ids, loads=loads, cache_salt=req.cache_salt, now=now
+        )
         return index[d.engine]
 
     return prefix

@@ -54,10 +54,14 @@ def standin_app(
         if not body.get("stream"):
             text = "".join(REPLY)
             choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": "stop"}
-                if chat else {"index": 0, "text": text, "finish_reason": "stop"}
-            )  # fmt: skip
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "stop"}
+            )
             kind = "chat.completion" if chat else "text_completion"
             return JSONResponse({**base, "object": kind, "choices": [choice], "usage": usage})
 
@@ -77,9 +81,10 @@ def standin_app(
     async def chat(request: Request) -> Any:
         body = await request.json()
         chat_opts = ChatOptions.from_fields(
-            body.get("add_generation_prompt"), body.get("continue_final_message"),
+            body.get("add_generation_prompt"),
+            body.get("continue_final_message"),
             body.get("chat_template_kwargs"),
-        )  # fmt: skip
+        )
         tp = tokenizer.encode_chat(body["messages"], tools=body.get("tools"), chat=chat_opts)
         cached = admit(tp.token_ids, body.get("cache_salt"))
         return answer(body, len(tp), cached, chat=True)
@@ -99,14 +104,19 @@ def standin_app(
         body = await request.json()
         if "messages" in body:
             opts = ChatOptions.from_fields(
-                body.get("add_generation_prompt"), body.get("continue_final_message"),
+                body.get("add_generation_prompt"),
+                body.get("continue_final_message"),
                 body.get("chat_template_kwargs"),
-            )  # fmt: skip
+            )
             tp = tokenizer.encode_chat(body["messages"], tools=body.get("tools"), chat=opts)
         else:
             tp = tokenizer.tokenize(body["prompt"])
-        return {"count": len(tp), "max_model_len": 32768, "tokens": list(tp.token_ids),
-                "token_strs": None}  # fmt: skip
+        return {
+            "count": len(tp),
+            "max_model_len": 32768,
+            "tokens": list(tp.token_ids),
+            "token_strs": None,
+        }
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -37,8 +37,17 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
 # a replica (what an old master turns into after a fail-over), persistence failing, a cluster
 # in flux. Redis sends them as error replies, also from inside scripts and transactions
 # (``-OOM ...`` inside an EVAL error, ``EXECABORT`` for a MULTI queued with one).
-_UNAVAILABLE_CODES = ("OOM", "READONLY", "MISCONF", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN",
-                      "TRYAGAIN", "LOADING", "EXECABORT")  # fmt: skip
+_UNAVAILABLE_CODES = (
+    "OOM",
+    "READONLY",
+    "MISCONF",
+    "MASTERDOWN",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "LOADING",
+    "EXECABORT",
+)
 
 
 _UNAVAILABLE_CLASSES = (
@@ -107,9 +116,11 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         self.client = client or redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
             health_check_interval=30,
-        )  # fmt: skip
+        )
         self._url_timeout = socket_timeout
         self._bulk: redis.Redis | None = None
         self.retry_after = retry_after
@@ -126,8 +137,9 @@ class RedisStore:
         """A second client for bulk reads (snapshots, rebuilds): a 30 s timeout, so a large
         transfer is not mistaken for a dead server."""
         if self._bulk is None:
-            self._bulk = redis.Redis.from_url(self.url, socket_timeout=30.0,
-                                              socket_connect_timeout=self._url_timeout)  # fmt: skip
+            self._bulk = redis.Redis.from_url(
+                self.url, socket_timeout=30.0, socket_connect_timeout=self._url_timeout
+            )
         return self._bulk
 
     # ---- keys ----------------------------------------------------------------------------
@@ -171,12 +183,16 @@ class RedisStore:
                 self._last_log = now
                 log.error(
                     "Redis at %s unavailable (%s); failing open, %d failed calls so far",
-                    mask_url(self.url), type(exc).__name__ if exc else "still down",
+                    mask_url(self.url),
+                    type(exc).__name__ if exc else "still down",
                     self.failures,
-                )  # fmt: skip
+                )
         why = "" if link_down or exc is None else f" ({type(exc).__name__})"
         raise BackendUnavailableError(f"Redis at {mask_url(self.url)} is unavailable{why}") from exc
 
     def health(self) -> dict[str, Any]:
-        return {"available": self.available, "failures": self.failures,
-                "recoveries": self.recoveries}  # fmt: skip
+        return {
+            "available": self.available,
+            "failures": self.failures,
+            "recoveries": self.recoveries,
+        }

@@ -29,8 +29,11 @@ _SAMPLE = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte <-> printable character table (what ByteLevel vocabularies are written in)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -93,8 +96,7 @@ def tiktoken_encoder(tk: Tokenizer) -> Callable[[str], list[int]] | None:
         return None
     if any(bytes([b]) not in ranks for b in range(256)):
         return None
-    enc = tiktoken.Encoding("kvforge-bpe", pat_str=regex, mergeable_ranks=ranks,
-                            special_tokens={})  # fmt: skip
+    enc = tiktoken.Encoding("kvforge-bpe", pat_str=regex, mergeable_ranks=ranks, special_tokens={})
     normalizer = tk.normalizer
 
     def encode(piece: str) -> list[int]:
