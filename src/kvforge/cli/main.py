@@ -109,7 +109,7 @@ def hash_cmd(
     try:
         hasher = BlockHasher(algo, block_size=block_size, hash_seed=hash_seed)
         salt = validate_cache_salt(cache_salt)
-        lora = LoRA.coerce((lora_name, lora_path)) if lora_name else None
+        lora = LoRA(lora_name, lora_path) if lora_name and lora_path else None
         tk = PromptTokenizer.resolve(tokenizer)
         tp: TokenizedPrompt
         if text is not None:
@@ -144,7 +144,7 @@ def hash_cmd(
         _fail(str(exc))
         return
     bs = hasher.block_size
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, h in enumerate(chain):
         span = tp.char_span(i * bs, (i + 1) * bs)
         block_text = (

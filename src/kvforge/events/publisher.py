@@ -39,7 +39,7 @@ class EventPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.bind(endpoint)
-        self.endpoint = self._pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._lock = threading.Lock()
         self._seq = 0
@@ -51,7 +51,7 @@ class EventPublisher:
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.SNDHWM, 2 * (buffer_steps + 1))
             router.bind(replay_endpoint)
-            self.replay_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self._thread = threading.Thread(target=self._serve, args=(router,), daemon=True)
             self._thread.start()
 

@@ -327,6 +327,7 @@ class _Tenant:
             self.b_child = _grow(self.b_child, hi, -1)
             self.b_key[new] = seq.chain_keys[k:]
             parents = np.empty(n - k, dtype=np.int32)
+            assert root is not None  # created above
             parents[0] = bids[k - 1] if k else root
             parents[1:] = new[:-1]
             self.b_parent[new] = parents
@@ -575,7 +576,8 @@ class _Tenant:
 
     def owner_tokens(self, oid: int) -> np.ndarray:
         """The owner's indexed tokens (its full blocks), rebuilt from the content store."""
-        return self.c_tokens[self.b_content[self.owner_blocks[oid]]].ravel()
+        out: np.ndarray = self.c_tokens[self.b_content[self.owner_blocks[oid]]].ravel()
+        return out
 
     # ---- query --------------------------------------------------------------------------
     def lookup(
@@ -959,7 +961,8 @@ class MemoryIndex(BlockIndex):
             bids = t.owner_blocks[t.owner_id[owner]]
             if not 0 <= block < bids.size:
                 return None
-            return t.c_tokens[t.b_content[bids[block]]].copy()
+            out: np.ndarray = t.c_tokens[t.b_content[bids[block]]].copy()
+            return out
 
     def closest_owner(
         self, tenant: str, first_block: np.ndarray, *, exclude: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kvforge.blocks import BlockHasher
@@ -10,7 +11,7 @@ from kvforge.index.base import BlockIndex
 from kvforge.index.memory import MemoryIndex
 
 # query parameters kvforge reads itself; the rest go to the Redis client (e.g. ``ssl_cert_reqs``)
-_OWN = {
+_OWN: dict[str, Callable[[str], object]] = {
     "prefix": str,
     "ttl": float,
     "feed_cap": int,

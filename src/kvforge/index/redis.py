@@ -34,9 +34,9 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import numpy as np
@@ -56,7 +56,7 @@ from kvforge.index.memory import MemoryIndex
 from kvforge.store.redis import REDIS_DOWN, BackendUnavailableError, RedisStore
 
 log = logging.getLogger(__name__)
-F = TypeVar("F")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Record(msgspec.Struct, array_like=True):
@@ -549,7 +549,9 @@ def _follow(ref: weakref.ref[RedisIndex], url: str, block_ms: int = 500) -> None
         idx = ref()
         if idx is None:
             break
-        for key, _ in got or []:
+        # XREAD without decoding: [(stream key, entries)]
+        replies = cast(list[tuple[bytes, Any]], got or [])
+        for key, _ in replies:
             tenant = feeds[key.decode()][0]
             try:
                 with idx._lock:

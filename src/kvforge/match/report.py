@@ -26,7 +26,8 @@ BlockKind = Literal["exact", "moved", "near", "none"]
 class BlockMatch(NamedTuple):
     """One full block of the query (a named tuple: a 512-block report is built in ~0.1 ms)."""
 
-    index: int  # block position in the query
+    # the field shadows tuple.index on purpose: it is the report's JSON key
+    index: int  # type: ignore[assignment]  # block position in the query
     start: int  # first token of the block
     kind: BlockKind
     owners: tuple[str, ...] = ()

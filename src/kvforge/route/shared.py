@@ -405,5 +405,9 @@ def open_residency(url: str | None, tier_weights: dict[str, float] | None = None
         base,
         prefix=str(opts.get("prefix", "kvf")),
         tier_weights=tier_weights,
-        socket_timeout=float(opts.get("socket_timeout", 0.5)),
+        socket_timeout=_number(opts.get("socket_timeout"), 0.5),
     )
+
+
+def _number(value: object, default: float) -> float:
+    return float(value) if isinstance(value, int | float) else default

@@ -147,7 +147,7 @@ class _BackendCollector(Collector):
             "Calls to the shared backend that failed (failed open)",
             labels=["part"],
         )
-        fail.add_metric(["index"], float(index.get("failures", 0)))
+        fail.add_metric(["index"], _number(index.get("failures")))
         up = GaugeMetricFamily(
             "kvforge_backend_up", "1 when the shared backend is reachable", labels=["part"]
         )
@@ -155,7 +155,7 @@ class _BackendCollector(Collector):
         degraded = CounterMetricFamily(
             "kvforge_degraded_lookups", "Lookups answered 'nothing reusable' (backend down)"
         )
-        degraded.add_metric([], float(index.get("degraded_lookups", 0)))
+        degraded.add_metric([], _number(index.get("degraded_lookups")))
         residency = getattr(self.router.residency, "health", None) if self.router else None
         if residency is not None:
             r = residency()
@@ -218,6 +218,11 @@ class _SnapshotCollector(Collector):
         failed = CounterMetricFamily("kvforge_snapshot_failures", "Snapshot saves that failed")
         failed.add_metric([], float(self.snapshotter.failures))
         yield from (saves, failed)
+
+
+def _number(value: object) -> float:
+    """A counter from a backend's health dict (absent or not a number: 0)."""
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 class _ProxyCollector(Collector):
