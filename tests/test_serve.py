@@ -190,3 +190,19 @@ def test_render_options_on_the_api(client: TestClient) -> None:
     ):
         for path in ("/v1/match", "/v1/prefix-hash"):
             assert client.post(path, json=bad).status_code == 422, (path, bad)
+
+
+def test_prompt_limits_are_a_typed_error_and_a_413() -> None:
+    """The 413 comes from the error's type, not from its wording."""
+    from kvforge import InvalidInputError, PromptTooLargeError
+
+    m = SyncMatcher(max_prompt_tokens=100)
+    with pytest.raises(PromptTooLargeError) as info:
+        m.find_reusable_blocks(list(range(200)))
+    assert isinstance(info.value, InvalidInputError)  # still a bad input to Python callers
+    c = TestClient(create_app(m))
+    assert c.post("/v1/match", json={"token_ids": list(range(200))}).status_code == 413
+    assert c.post("/v1/match", json={"prompt": "x " * 300}).status_code == 413
+    # another bad input that mentions a limit in its text is still a 422
+    r = c.post("/v1/match", json={"token_ids": [-1]})
+    assert r.status_code == 422

@@ -10,6 +10,7 @@ from kvforge.errors import (
     HashCollisionError,
     InvalidInputError,
     KvforgeError,
+    PromptTooLargeError,
     QuotaExceededError,
     UnsupportedInputError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "MemoryIndex",
     "PrefixHash",
     "PromptTokenizer",
+    "PromptTooLargeError",
     "QuotaExceededError",
     "SyncMatcher",
     "TokenizedPrompt",

@@ -9,6 +9,10 @@ class InvalidInputError(KvforgeError, ValueError):
     """A caller passed something kvforge cannot use (wrong type, empty id, too large, ...)."""
 
 
+class PromptTooLargeError(InvalidInputError):
+    """A prompt over the configured size limits (characters or tokens): HTTP 413."""
+
+
 class UnsupportedInputError(InvalidInputError):
     """A valid vLLM feature kvforge does not model on this path (e.g. multimodal prompts)."""
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kvforge.blocks import BlockHasher, BlockSequence, LoRA, event_hash, validate_cache_salt
-from kvforge.errors import InvalidInputError, QuotaExceededError
+from kvforge.errors import InvalidInputError, PromptTooLargeError, QuotaExceededError
 from kvforge.index import BlockIndex, LookupResult, OwnerInfo, open_index
 from kvforge.index.anchors import MAX_NEAR_RADIUS
 from kvforge.match.report import (
@@ -159,24 +159,24 @@ class SyncMatcher:
         turns) come from the tokenizer's piece cache, scoped to ``tenant``: one tenant's
         requests never make another's faster (no timing oracle)."""
         if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
-            raise InvalidInputError(
+            raise PromptTooLargeError(
                 f"prompt has {len(prompt):,} characters; the limit is {self.max_prompt_chars:,}"
             )
         if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt:
             if isinstance(prompt[0], Mapping):
                 size = text_size(prompt) + text_size(tools)
                 if size > self.max_prompt_chars:
-                    raise InvalidInputError(
+                    raise PromptTooLargeError(
                         f"messages and tools hold {size:,} characters; "
                         f"the limit is {self.max_prompt_chars:,}"
                     )
             elif len(prompt) > self.max_prompt_tokens:
-                raise InvalidInputError(
+                raise PromptTooLargeError(
                     f"prompt has {len(prompt):,} tokens; the limit is {self.max_prompt_tokens:,}"
                 )
         tp = self.tokenizer.tokenize(prompt, tools=tools, scope=_tenant_key(tenant), chat=chat)
         if len(tp) > self.max_prompt_tokens:
-            raise InvalidInputError(
+            raise PromptTooLargeError(
                 f"prompt has {len(tp):,} tokens; the limit is {self.max_prompt_tokens:,}"
             )
         return tp

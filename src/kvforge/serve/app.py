@@ -34,7 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
-from kvforge.errors import InvalidInputError, KvforgeError, QuotaExceededError
+from kvforge.errors import (
+    KvforgeError,
+    PromptTooLargeError,
+    QuotaExceededError,
+)
 from kvforge.events.subscriber import EventSubscriber
 from kvforge.match import SyncMatcher
 from kvforge.persist import Snapshotter
@@ -521,7 +525,7 @@ def create_app(
 
     @app.exception_handler(KvforgeError)
     async def _kvforge_error(request: Request, exc: KvforgeError) -> JSONResponse:
-        if isinstance(exc, InvalidInputError) and "limit is" in str(exc):
+        if isinstance(exc, PromptTooLargeError):
             return JSONResponse({"detail": str(exc)}, status_code=413)
         # the same shape as FastAPI's own validation errors (the documented 422 schema)
         detail = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
