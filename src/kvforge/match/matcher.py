@@ -20,16 +20,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kvforge.blocks import BlockHasher, BlockSequence, LoRA, event_hash, validate_cache_salt
 from kvforge.errors import InvalidInputError, PromptTooLargeError, QuotaExceededError
-from kvforge.index import BlockIndex, LookupResult, OwnerInfo, open_index
+from kvforge.index import BlockIndex, OwnerInfo, open_index
 from kvforge.index.anchors import MAX_NEAR_RADIUS
+from kvforge.match.explain import (
+    best_owner,
+    block_matches,
+    divergence,
+    fixes,
+    moved_coverage,
+    owner_gaps,
+)
 from kvforge.match.report import (
-    BlockMatch,
-    Divergence,
-    Fix,
     IndexResult,
     MatchReport,
     MovedSpan,
@@ -334,7 +337,7 @@ class SyncMatcher:
                 near_radius=self.near_radius,
                 spans=self.find_spans,
             )
-            best = _best_owner(hit)
+            best = best_owner(hit)
             if best is None and seq.num_blocks and not hit.degraded:
                 # Nothing shared at block granularity: explain against the prompt that agrees
                 # longest token by token (e.g. an agent name early in a common template).
@@ -346,11 +349,11 @@ class SyncMatcher:
                 else None
             )
             info = self.index.owner_info(key, best) if best else None
-            breaks = self._breaks(key, seq, hit)
-        blocks = _blocks(hit, seq.num_blocks, seq.block_size, seq.tokens)
-        divergence = None
+            breaks = owner_gaps(self.index, key, seq, hit)
+        blocks = block_matches(hit, seq.num_blocks, seq.block_size, seq.tokens)
+        broke = None
         if best is not None and depth < seq.num_blocks:
-            divergence = self._divergence(tp, seq, best, depth, owner_tokens, info, cache_salt)
+            broke = divergence(self.tokenizer, tp, seq, best, depth, owner_tokens, info, cache_salt)
         bs = seq.block_size
         spans = [
             MovedSpan(
@@ -362,7 +365,7 @@ class SyncMatcher:
             )
             for sp in hit.spans
         ]
-        moved_tokens = _moved_coverage(seq.num_tokens, bs, hit.exact_blocks, hit, spans)
+        moved_tokens = moved_coverage(seq.num_tokens, bs, hit.exact_blocks, hit, spans)
         return MatchReport(
             num_tokens=seq.num_tokens,
             num_blocks=seq.num_blocks,
@@ -370,113 +373,15 @@ class SyncMatcher:
             prefix_blocks_by_owner=hit.prefix_by_owner,
             best_owner=best,
             blocks=blocks,
-            divergence=divergence,
+            divergence=broke,
             tenant=tenant,
             moved_spans=spans,
-            fixes=self._fixes(tp, hit, spans, breaks, bs),
+            fixes=fixes(self.tokenizer, tp, hit, spans, breaks, bs),
             moved_tokens=moved_tokens,
             recompute_tokens=math.ceil(moved_tokens * self.recompute_ratio),
             degraded=hit.degraded,
             truncated=hit.truncated,
         )
-
-    def _breaks(
-        self, key: str, seq: BlockSequence, hit: LookupResult
-    ) -> dict[str, tuple[int, np.ndarray | None]]:
-        """Per span owner (at most 8): the token where its prefix stops matching the query,
-        and its tokens from the start of that block over ``_GAP_BLOCKS`` blocks (the text it
-        holds between the break and the shared span, for the advice). Call under lock."""
-        out: dict[str, tuple[int, np.ndarray | None]] = {}
-        bs = seq.block_size
-        for sp in hit.spans:
-            o = sp.owner
-            if o in out or len(out) >= 8:
-                continue
-            depth = hit.prefix_by_owner.get(o, 0)
-            blocks = []
-            for b in range(depth, depth + _GAP_BLOCKS):
-                toks = self.index.owner_block_tokens(key, o, b)
-                if toks is None:
-                    break
-                blocks.append(toks)
-            if not blocks or depth >= seq.num_blocks:
-                out[o] = (depth * bs, None)
-                continue
-            same = blocks[0] == seq.tokens[depth]
-            brk = depth * bs + (int(np.argmin(same)) if not same.all() else bs)
-            out[o] = (brk, np.concatenate(blocks))
-        return out
-
-    def _fixes(
-        self,
-        tp: TokenizedPrompt,
-        hit: LookupResult,
-        spans: list[MovedSpan],
-        breaks: dict[str, tuple[int, np.ndarray | None]],
-        bs: int,
-    ) -> list[Fix]:
-        """Per owner: shared content right after the point where the prefix broke — moving the
-        varying text (in the query, in the owner's prompt, or in both) below it would make it
-        exact prefix reuse. The advice names the prompt that holds that text."""
-        out: list[Fix] = []
-        done: set[str] = set()
-        for sp in spans:  # longest first
-            got = breaks.get(sp.owner)
-            if got is None or sp.owner in done:
-                continue
-            brk, owner_toks = got
-            # a span may start inside the common prefix on one side: only its part after the
-            # break can follow the prefix in both prompts
-            cut = max(0, brk - sp.query_start, brk - sp.owner_start)
-            q_start, o_start, length = sp.query_start + cut, sp.owner_start + cut, sp.length - cut
-            q_gap, o_gap = q_start - brk, o_start - brk
-            if length <= 0 or (q_gap == 0 and o_gap == 0):
-                continue
-            # over what the query already reuses (another owner may hold a longer prefix)
-            gain = (brk + length) // bs * bs - hit.exact_blocks * bs
-            if gain < 2 * bs or min(q_gap, o_gap) > _GAP_BLOCKS * bs:
-                continue  # little to gain, or two different texts too long to call "varying"
-            done.add(sp.owner)
-            q_text = self._text(tp, brk, q_start) if q_gap else ""
-            o_text = ""
-            if o_gap and owner_toks is not None:
-                base = hit.prefix_by_owner.get(sp.owner, 0) * bs
-                o_text = self.tokenizer.decode(owner_toks[brk - base : o_start - base].tolist())
-            holder = "both" if q_gap and o_gap else "query" if q_gap else "owner"
-            where = f"(+{gain:,} prefix-reusable tokens)"
-            if holder == "query":
-                advice = (
-                    f"{_preview(q_text)} at token {brk} breaks {length:,} tokens shared with "
-                    f"{sp.owner} (there at token {o_start}): put it after them {where}"
-                )
-            elif holder == "owner":
-                advice = (
-                    f"{sp.owner}'s prompt has {_preview(o_text)} ({o_gap:,} tokens) at token "
-                    f"{brk} where this prompt goes straight on; it breaks {length:,} shared "
-                    f"tokens (here at token {q_start}): put it after them in "
-                    f"{sp.owner}'s prompt {where}"
-                )
-            else:
-                advice = (
-                    f"the varying text at token {brk} — {_preview(q_text)} here, "
-                    f"{_preview(o_text)} in {sp.owner} — breaks {length:,} shared tokens: "
-                    f"put it after them in both prompts {where}"
-                )
-            out.append(
-                Fix(
-                    owner=sp.owner,
-                    break_token=brk,
-                    shared_tokens=length,
-                    gain_tokens=gain,
-                    breaking_text=q_text,
-                    advice=advice,
-                    holder=holder,
-                    owner_text=o_text,
-                    query_gap_tokens=q_gap,
-                    owner_gap_tokens=o_gap,
-                )
-            )
-        return out
 
     def get_shared_prefix_hash(
         self,
@@ -553,140 +458,6 @@ class SyncMatcher:
             "total_blocks": s.blocks,
             "total_agents": s.owners,
         }
-
-    # ---- explanation --------------------------------------------------------------------
-    def _text(self, tp: TokenizedPrompt, start: int, end: int) -> str:
-        # offsets only when already at hand: computing them costs a whole HF encode
-        span = tp.char_span(start, end) if tp.has_offsets else None
-        if span is not None and tp.text is not None:
-            return tp.text[span[0] : span[1]]
-        return self.tokenizer.decode(tp.token_ids[start:end])
-
-    def _divergence(
-        self,
-        tp: TokenizedPrompt,
-        seq: BlockSequence,
-        owner: str,
-        block: int,
-        owner_tokens: np.ndarray | None,
-        info: OwnerInfo | None,
-        cache_salt: str | None,
-    ) -> Divergence:
-        bs = seq.block_size
-        start, end = block * bs, (block + 1) * bs
-        q = tuple(int(t) for t in seq.tokens[block])
-        if owner_tokens is None:
-            held = info.num_blocks if info else block
-            return Divergence(
-                owner=owner,
-                block_index=block,
-                token_index=start,
-                reason=(
-                    f"{owner}'s indexed prompt ends after {held} full blocks "
-                    f"({held * bs} tokens); the query continues"
-                ),
-                query_text=self._text(tp, start, end),
-                owner_text=None,
-                query_tokens=q,
-            )
-        o = tuple(int(t) for t in owner_tokens)
-        diff = next((j for j in range(bs) if q[j] != o[j]), None)
-        if diff is None:
-            why = []
-            if info is not None and (info.cache_salt or None) != (cache_salt or None):
-                why.append("cache_salt differs")
-            if info is not None and info.lora_name is not None:
-                why.append(f"{owner} was indexed with LoRA {info.lora_name!r}")
-            detail = "; ".join(why) or "cache_salt or LoRA differs"
-            return Divergence(
-                owner=owner,
-                block_index=block,
-                token_index=start,
-                reason=f"block {block} has the same tokens but other extra keys ({detail})",
-                query_text=self._text(tp, start, end),
-                owner_text=self.tokenizer.decode(o),
-                query_tokens=q,
-                owner_tokens=o,
-            )
-        q_text = self._text(tp, start + diff, end)
-        o_text = self.tokenizer.decode(o[diff:])
-        first_q = self.tokenizer.decode(q[diff : diff + 1])
-        first_o = self.tokenizer.decode(o[diff : diff + 1])
-        return Divergence(
-            owner=owner,
-            block_index=block,
-            token_index=start + diff,
-            reason=(
-                f"token {start + diff} (block {block}) differs: query has {first_q!r} where "
-                f"{owner} has {first_o!r}; nothing after it is prefix-reusable"
-            ),
-            query_text=q_text,
-            owner_text=o_text,
-            query_tokens=q[diff:],
-            owner_tokens=o[diff:],
-        )
-
-
-# How far past an owner's exact prefix its tokens are fetched to show the text it holds between
-# a break and the shared span (advice only; a longer gap is shown by its first blocks).
-_GAP_BLOCKS = 4
-
-
-def _preview(text: str, limit: int = 60) -> str:
-    return repr(text[:limit] + ("…" if len(text) > limit else "")) if text else "nothing"
-
-
-def _best_owner(hit: LookupResult) -> str | None:
-    """Longest exact prefix; ties, and the no-prefix case, go to the owner sharing the most
-    moved blocks, then to the smallest name (deterministic). Only the deepest owners are
-    candidates, so the cost does not grow with the owners sharing a short prefix."""
-    moved_count: dict[str, int] = {}
-    for owners, _ in hit.moved.values():
-        for o in owners:
-            moved_count[o] = moved_count.get(o, 0) + 1
-    candidates = hit.exact_runs[-1][2] if hit.exact_runs else tuple(moved_count)
-    if not candidates:
-        return None
-    return min(candidates, key=lambda o: (-moved_count.get(o, 0), o))
-
-
-def _blocks(hit: LookupResult, n: int, bs: int, tokens: np.ndarray) -> list[BlockMatch]:
-    # tuple.__new__ skips the named tuple's Python-level constructor: 512 blocks in ~0.2 ms
-    new = tuple.__new__
-    bm = BlockMatch
-    out: list[BlockMatch] = []
-    for start, end, owners in hit.exact_runs:
-        out += [new(bm, (i, i * bs, "exact", owners, (), 0, ())) for i in range(start, end)]
-    moved, near = hit.moved, hit.near
-    if not moved and not near:
-        out += [new(bm, (i, i * bs, "none", (), (), 0, ())) for i in range(hit.exact_blocks, n)]
-        return out
-    for i in range(hit.exact_blocks, n):
-        m = moved.get(i)
-        if m is not None:
-            out.append(new(bm, (i, i * bs, "moved", m[0], m[1], 0, ())))
-            continue
-        nh = near.get(i)
-        if nh is None:
-            out.append(new(bm, (i, i * bs, "none", (), (), 0, ())))
-        else:
-            diff = tuple((p, int(tokens[i, p]), nh.tokens[p]) for p in nh.positions)
-            out.append(new(bm, (i, i * bs, "near", nh.owners, nh.sources, nh.distance, diff)))
-    return out
-
-
-def _moved_coverage(
-    num_tokens: int, bs: int, exact: int, hit: LookupResult, spans: list[MovedSpan]
-) -> int:
-    """Query tokens after the exact prefix that some moved block or span covers."""
-    mask = np.zeros(num_tokens, dtype=bool)
-    if hit.moved:
-        starts = np.fromiter(hit.moved, dtype=np.int64, count=len(hit.moved)) * bs
-        mask[(starts[:, None] + np.arange(bs)).ravel()] = True
-    for sp in spans:
-        mask[sp.query_start : sp.query_start + sp.length] = True
-    mask[: exact * bs] = False
-    return int(mask.sum())
 
 
 class Matcher:
