@@ -338,7 +338,7 @@ def test_redis_refusing_writes_is_unavailable_not_a_crash(refusal: str, own_redi
         assert r.status_code == 200  # reads still answer (or fail open as degraded)
         text = c.get("/metrics").text
         assert 'kvforge_backend_failures_total{part="index"}' in text
-        assert m.index.health()["failures"] >= 2
+        assert m.index.health().failures >= 2
     finally:
         if refusal == "oom":
             admin.config_set("maxmemory", "0")

@@ -319,11 +319,11 @@ def test_events_received_while_redis_is_down_are_buffered_then_shared(
     r1.apply("e0", KVEventBatch(0.0, [BlockStored(block_hashes=keys[:4], medium="GPU")]))
     own_redis.stop()
     r1.apply("e0", KVEventBatch(0.0, [BlockStored(block_hashes=keys[4:], medium="GPU")]))
-    assert r1.health()["pending"] == 1
+    assert r1.health().counters["pending"] == 1
     assert r2.prefix_scores(keys, ["e0"])["e0"].blocks == 0  # down: nothing credited
     own_redis.start()
     time.sleep(1.1)  # past the fail-fast window
-    assert r1.refresh() and r1.health()["pending"] == 0
+    assert r1.refresh() and r1.health().counters["pending"] == 0
     assert r2.prefix_scores(keys, ["e0"])["e0"].blocks == 8
 
 

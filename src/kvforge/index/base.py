@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvforge.blocks.sequence import BlockSequence
+from kvforge.store.health import BackendHealth
 
 
 def is_excluded(owner: str, exclude: str | None) -> bool:
@@ -186,9 +187,9 @@ class BlockIndex(ABC):
         """Every owner's indexed prompt (what ``put`` needs to rebuild the index elsewhere), of
         one tenant or all. O(index); for snapshots."""
 
-    def health(self) -> dict[str, object]:
+    def health(self) -> BackendHealth:
         """The backend's link state and failure counters (nothing to report in memory)."""
-        return {"available": True, "failures": 0}
+        return BackendHealth()
 
     @abstractmethod
     def num_blocks(self) -> int:

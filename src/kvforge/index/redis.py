@@ -53,6 +53,7 @@ from kvforge.index.base import (
     PutResult,
 )
 from kvforge.index.memory import MemoryIndex
+from kvforge.store.health import BackendHealth
 from kvforge.store.redis import REDIS_DOWN, BackendUnavailableError, RedisStore
 
 log = logging.getLogger(__name__)
@@ -511,13 +512,8 @@ class RedisIndex(BlockIndex):
             self.sync(tenant)
         return iter(list(self.replica.export(tenant)))  # materialized under the lock
 
-    def health(self) -> dict[str, Any]:
-        return {
-            **self.store.health(),
-            "resyncs": self.resyncs,
-            "applied": self.applied,
-            "degraded_lookups": self.degraded_lookups,
-        }
+    def health(self) -> BackendHealth:
+        return self.store.health(self.degraded_lookups, resyncs=self.resyncs, applied=self.applied)
 
 
 def _follow(ref: weakref.ref[RedisIndex], url: str, block_ms: int = 500) -> None:

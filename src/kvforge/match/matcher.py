@@ -453,7 +453,7 @@ class SyncMatcher:
             "block_size": self.block_size,
             "hash_algo": self.hash_algo,
             "tokenizer": self.tokenizer.name,
-            "backend": self.index.health(),
+            "backend": self.index.health().as_dict("degraded_lookups"),
             # the seed's names, kept for callers written against it
             "total_blocks": s.blocks,
             "total_agents": s.owners,

@@ -31,6 +31,7 @@ from kvforge.events.schema import (
     _all_u64,
     to_u64,
 )
+from kvforge.store.health import BackendHealth
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,10 @@ class ResidencyIndex:
                 if m & e.bit and w > best.get(e.bit, -1.0):
                     best[e.bit] = w
         return best
+
+    def health(self) -> BackendHealth:
+        """The link to the residency's store (in memory: nothing to report)."""
+        return BackendHealth()
 
     def stats(self) -> dict[str, object]:
         with self._lock:

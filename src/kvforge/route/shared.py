@@ -42,6 +42,7 @@ import xxhash
 
 from kvforge.events.schema import KVEventBatch, encode_batch, parse_batch
 from kvforge.route.residency import PrefixScore, PrefixWalk, ResidencyIndex
+from kvforge.store.health import BackendHealth
 from kvforge.store.redis import BackendUnavailableError, RedisStore
 
 log = logging.getLogger(__name__)
@@ -366,21 +367,20 @@ class SharedResidency(ResidencyIndex):
 
     def stats(self) -> dict[str, object]:
         self.refresh()
-        return {**super().stats(), "backend": self.health()}
+        return {**super().stats(), "backend": self.health().as_dict("degraded_walks")}
 
     def _unsent(self) -> int:
         with self._ingest_lock:
             return sum(b.next_n - 1 - b.sent for e, b in self._inboxes.items() if e in self._held)
 
-    def health(self) -> dict[str, Any]:
-        return {
-            **self.redis.health(),
-            "appended": self.appended,
-            "standby_dropped": self.standby_dropped,
-            "pending": self._unsent(),
-            "takeovers": self.takeovers,
-            "degraded_walks": self.degraded_walks,
-        }
+    def health(self) -> BackendHealth:
+        return self.redis.health(
+            self.degraded_walks,
+            appended=self.appended,
+            standby_dropped=self.standby_dropped,
+            pending=self._unsent(),
+            takeovers=self.takeovers,
+        )
 
 
 class _NothingHeld(PrefixWalk):

@@ -151,20 +151,19 @@ class _BackendCollector(Collector):
             "Calls to the shared backend that failed (failed open)",
             labels=["part"],
         )
-        fail.add_metric(["index"], _number(index.get("failures")))
+        fail.add_metric(["index"], float(index.failures))
         up = GaugeMetricFamily(
             "kvforge_backend_up", "1 when the shared backend is reachable", labels=["part"]
         )
-        up.add_metric(["index"], float(bool(index.get("available", True))))
+        up.add_metric(["index"], float(index.available))
         degraded = CounterMetricFamily(
             "kvforge_degraded_lookups", "Lookups answered 'nothing reusable' (backend down)"
         )
-        degraded.add_metric([], _number(index.get("degraded_lookups")))
-        residency = getattr(self.router.residency, "health", None) if self.router else None
-        if residency is not None:
-            r = residency()
-            fail.add_metric(["residency"], float(r.get("failures", 0)))
-            up.add_metric(["residency"], float(bool(r.get("available", True))))
+        degraded.add_metric([], float(index.degraded))
+        if self.router is not None:
+            r = self.router.residency.health()
+            fail.add_metric(["residency"], float(r.failures))
+            up.add_metric(["residency"], float(r.available))
         yield from (fail, up, degraded)
 
 
@@ -222,11 +221,6 @@ class _SnapshotCollector(Collector):
         failed = CounterMetricFamily("kvforge_snapshot_failures", "Snapshot saves that failed")
         failed.add_metric([], float(self.snapshotter.failures))
         yield from (saves, failed)
-
-
-def _number(value: object) -> float:
-    """A counter from a backend's health dict (absent or not a number: 0)."""
-    return float(value) if isinstance(value, int | float) else 0.0
 
 
 class _ProxyCollector(Collector):

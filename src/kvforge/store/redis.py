@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import redis
 
 from kvforge.errors import KvforgeError
+from kvforge.store.health import BackendHealth
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,6 @@ class RedisStore:
         why = "" if link_down or exc is None else f" ({type(exc).__name__})"
         raise BackendUnavailableError(f"Redis at {mask_url(self.url)} is unavailable{why}") from exc
 
-    def health(self) -> dict[str, Any]:
-        return {
-            "available": self.available,
-            "failures": self.failures,
-            "recoveries": self.recoveries,
-        }
+    def health(self, degraded: int = 0, **counters: int) -> BackendHealth:
+        """The link's state, with the caller's own counters."""
+        return BackendHealth(self.available, self.failures, self.recoveries, degraded, counters)
