@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kvforge import PromptTokenizer, SyncMatcher
+from kvforge.index import LookupOptions
 from kvforge.index.anchors import near_chunk_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def bench_latency(sizes: list[int], reps: int) -> list[str]:
         near_lat = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            hit = m.index.lookup("default", seq, near_radius=2)
+            hit = m.index.lookup("default", seq, LookupOptions(near_radius=2))
             near_lat.append((time.perf_counter() - t0) * 1e3)
         tp = m.tokenizer.encode_ids(q.ravel().tolist())
         full = [0.0] * max(5, reps // 5)
@@ -278,7 +279,7 @@ def bench_near_real_text(tk: PromptTokenizer, agents_list: list[int], reps: int)
         lat = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            hit = m.index.lookup("default", seq, near_radius=2)
+            hit = m.index.lookup("default", seq, LookupOptions(near_radius=2))
             lat.append((time.perf_counter() - t0) * 1e3)
         keys = near_chunk_keys(seq.tokens)
         cands = [
@@ -332,7 +333,7 @@ def bench_spans_varying_depth(agent_counts: list[int], reps: int) -> list[str]:
             lat = []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                hit = m.index.lookup("default", seq, spans=True)
+                hit = m.index.lookup("default", seq, LookupOptions(spans=True))
                 lat.append((time.perf_counter() - t0) * 1e3)
             base = []
             for _ in range(reps):

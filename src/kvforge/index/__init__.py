@@ -3,6 +3,7 @@
 from kvforge.index.base import (
     BlockIndex,
     IndexStats,
+    LookupOptions,
     LookupResult,
     OwnerInfo,
     PutResult,
@@ -15,6 +16,7 @@ from kvforge.index.table import U64Table
 __all__ = [
     "BlockIndex",
     "IndexStats",
+    "LookupOptions",
     "LookupResult",
     "MemoryIndex",
     "OwnerInfo",

@@ -75,6 +75,22 @@ class SharedSpan:
 
 
 @dataclass(frozen=True, slots=True)
+class LookupOptions:
+    """What a lookup computes beyond the exact prefix and the block-aligned moved content.
+
+    ``exclude``: an owner (or an agent and its sub-owners) left out; ``near_radius``: find
+    blocks within that many differing token positions (0: none); ``spans``: find moved spans
+    at any alignment."""
+
+    exclude: str | None = None
+    near_radius: int = 0
+    spans: bool = False
+
+
+PREFIX_ONLY = LookupOptions()
+
+
+@dataclass(frozen=True, slots=True)
 class LookupResult:
     """What the index knows about a query's blocks (after exclusion).
 
@@ -134,17 +150,11 @@ class BlockIndex(ABC):
 
     @abstractmethod
     def lookup(
-        self,
-        tenant: str,
-        seq: BlockSequence,
-        *,
-        exclude: str | None = None,
-        near_radius: int = 0,
-        spans: bool = False,
+        self, tenant: str, seq: BlockSequence, options: LookupOptions = PREFIX_ONLY
     ) -> LookupResult:
-        """Exact prefix holders and moved content for a query; with ``near_radius`` the
-        near-duplicate blocks, with ``spans`` the moved spans at any alignment. O(query blocks
-        + owners reported); independent of the index size."""
+        """Exact prefix holders and moved content for a query, and what ``options`` asks for
+        (near-duplicate blocks, moved spans; an excluded owner). O(query blocks + owners
+        reported); independent of the index size."""
 
     @abstractmethod
     def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:

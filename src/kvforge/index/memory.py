@@ -32,8 +32,10 @@ from kvforge.errors import HashCollisionError
 from kvforge.index.anchors import MAX_NEAR_RADIUS, NEAR_CHUNKS, near_chunk_keys
 from kvforge.index.base import (
     MAX_SOURCES,
+    PREFIX_ONLY,
     BlockIndex,
     IndexStats,
+    LookupOptions,
     LookupResult,
     NearHit,
     OwnerInfo,
@@ -941,18 +943,12 @@ class MemoryIndex(BlockIndex):
             return n
 
     def lookup(
-        self,
-        tenant: str,
-        seq: BlockSequence,
-        *,
-        exclude: str | None = None,
-        near_radius: int = 0,
-        spans: bool = False,
+        self, tenant: str, seq: BlockSequence, options: LookupOptions = PREFIX_ONLY
     ) -> LookupResult:
         with self._use(tenant) as t:
             if t is None:
                 return LookupResult(0, {}, [])
-            return t.lookup(seq, exclude, near_radius, spans)
+            return t.lookup(seq, options.exclude, options.near_radius, options.spans)
 
     def owner_block_tokens(self, tenant: str, owner: str, block: int) -> np.ndarray | None:
         with self._use(tenant) as t:

@@ -45,8 +45,10 @@ import redis
 from kvforge.blocks import BlockHasher, BlockSequence, LoRA
 from kvforge.errors import KvforgeError
 from kvforge.index.base import (
+    PREFIX_ONLY,
     BlockIndex,
     IndexStats,
+    LookupOptions,
     LookupResult,
     OwnerInfo,
     OwnerRecord,
@@ -435,13 +437,7 @@ class RedisIndex(BlockIndex):
     # ---- reads ---------------------------------------------------------------------------
     @_locked
     def lookup(
-        self,
-        tenant: str,
-        seq: BlockSequence,
-        *,
-        exclude: str | None = None,
-        near_radius: int = 0,
-        spans: bool = False,
+        self, tenant: str, seq: BlockSequence, options: LookupOptions = PREFIX_ONLY
     ) -> LookupResult:
         try:
             self.sync(tenant)
@@ -449,9 +445,7 @@ class RedisIndex(BlockIndex):
             # fail open: a stale replica could claim blocks another process cleared
             self.degraded_lookups += 1
             return LookupResult(0, {}, [], degraded=True)
-        return self.replica.lookup(
-            tenant, seq, exclude=exclude, near_radius=near_radius, spans=spans
-        )
+        return self.replica.lookup(tenant, seq, options)
 
     # The three below explain a lookup just made (under the matcher's lock): no round trip.
     @_locked

@@ -22,7 +22,7 @@ from typing import Any
 
 from kvforge.blocks import BlockHasher, BlockSequence, LoRA, event_hash, validate_cache_salt
 from kvforge.errors import InvalidInputError, PromptTooLargeError, QuotaExceededError
-from kvforge.index import BlockIndex, OwnerInfo, open_index
+from kvforge.index import BlockIndex, LookupOptions, OwnerInfo, open_index
 from kvforge.index.anchors import MAX_NEAR_RADIUS
 from kvforge.match.explain import (
     best_owner,
@@ -330,13 +330,8 @@ class SyncMatcher:
         """``find_reusable_blocks`` for an already tokenized and hashed prompt."""
         key = _key or _tenant_key(tenant)
         with self.tenant_lock(key):
-            hit = self.index.lookup(
-                key,
-                seq,
-                exclude=exclude_agent,
-                near_radius=self.near_radius,
-                spans=self.find_spans,
-            )
+            opts = LookupOptions(exclude_agent, self.near_radius, self.find_spans)
+            hit = self.index.lookup(key, seq, opts)
             best = best_owner(hit)
             if best is None and seq.num_blocks and not hit.degraded:
                 # Nothing shared at block granularity: explain against the prompt that agrees
