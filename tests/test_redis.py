@@ -355,3 +355,95 @@ def test_failover_to_a_standby_loses_no_event_it_saw(redis_server: RedisServer) 
     view = replica()
     view.refresh()
     assert view.engine("e0").counts["GPU"] == dict.fromkeys(extra, 1)
+
+
+class _SlowProxy:
+    """A TCP proxy in front of redis-server that holds every request ``delay`` seconds before
+    passing it on (a slow network or a busy server, as a client sees it)."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        import socket
+        import threading
+
+        self.delay = delay
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.target = target_port
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._stop:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: object, dst: object, slow: bool) -> None:
+        while True:
+            try:
+                data = src.recv(65536)  # type: ignore[attr-defined]
+            except OSError:
+                return
+            if not data:
+                return
+            if slow and self.delay:
+                time.sleep(self.delay)
+            try:
+                dst.sendall(data)  # type: ignore[attr-defined]
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def test_a_slow_round_trip_of_one_tenant_holds_up_no_other(redis_server: RedisServer) -> None:
+    """Through a Redis that answers 0.3 s late, two tenants' lookups at once each take one
+    slow round trip — in parallel, not one after the other (no lock across a round trip)."""
+    import threading
+
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    fast = redis_index_url(redis_server.url)
+    prefix = fast.split("prefix=")[1]
+    m = SyncMatcher(index=fast)
+    for t in ("acme", "globex"):
+        m.index_prompt("a", PROMPT, tenant=t)
+    proxy = _SlowProxy(port, 0.0)
+    try:
+        slow = SyncMatcher(
+            index=f"redis://127.0.0.1:{proxy.port}/0?prefix={prefix}&follow=0&socket_timeout=5"
+        )
+        took: dict[str, float] = {}
+
+        def lookup(t: str) -> None:
+            t0 = time.monotonic()
+            assert slow.find_reusable_blocks(PROMPT, tenant=t).exact_blocks == 8
+            took[t] = time.monotonic() - t0
+
+        def both() -> float:
+            threads = [threading.Thread(target=lookup, args=(t,)) for t in ("acme", "globex")]
+            t0 = time.monotonic()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            return time.monotonic() - t0
+
+        both()  # replicas current, and two pooled connections open (no handshake later)
+        proxy.delay = 0.3
+        wall = both()
+    finally:
+        proxy.close()
+    # one round trip each (0.3 s); serialized they would need 0.6 s or more
+    assert all(0.3 <= v < 0.55 for v in took.values()), took
+    assert wall < 0.55, wall

@@ -153,13 +153,30 @@ _BATCH = 1000  # feed entries per catch-up call
 _REPLY_BYTES = 8 << 20  # records per catch-up call (a 0.5 s timeout allows far more on a LAN)
 
 
+class _TenantLocks:
+    """One re-entrant lock per tenant, made on first use: a Redis round trip for one tenant
+    (up to the socket timeout) never holds up another tenant's calls."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, threading.RLock] = {}
+        self._guard = threading.Lock()
+
+    def __call__(self, tenant: str) -> threading.RLock:
+        lock = self._locks.get(tenant)
+        if lock is None:
+            with self._guard:
+                lock = self._locks.setdefault(tenant, threading.RLock())
+        return lock
+
+
 def _locked(fn: F) -> F:
-    """Run under the index's lock: the follower thread applies changes concurrently."""
+    """Run under the tenant's lock (the method's first argument): the follower thread applies
+    other processes' changes to the same replica concurrently."""
 
     @functools.wraps(fn)
-    def wrapper(self: RedisIndex, *args: Any, **kw: Any) -> Any:
-        with self._lock:
-            return fn(self, *args, **kw)
+    def wrapper(self: RedisIndex, tenant: str, *args: Any, **kw: Any) -> Any:
+        with self._lock_of(tenant):
+            return fn(self, tenant, *args, **kw)
 
     return wrapper  # type: ignore[return-value]
 
@@ -207,7 +224,7 @@ class RedisIndex(BlockIndex):
         self.resyncs = 0
         self.applied = 0  # owner records applied from Redis (peers' writes, rebuilds)
         self.degraded_lookups = 0
-        self._lock = threading.RLock()
+        self._lock_of = _TenantLocks()
         self._config_ok = False
         self._check_config()
         if follow:
@@ -372,10 +389,10 @@ class RedisIndex(BlockIndex):
         raw = self.store.call(self.store.client.smembers, self.store.key("tenants"))
         return sorted(t.decode() for t in raw)
 
-    @_locked
     def sync_all(self) -> None:
         for t in self._tenants():
-            self.sync(t)
+            with self._lock_of(t):
+                self.sync(t)
 
     # ---- writes --------------------------------------------------------------------------
     def _write_op(self, tenant: str, owner: str, record: bytes) -> tuple[list[Any], list[Any]]:
@@ -471,40 +488,37 @@ class RedisIndex(BlockIndex):
     def count_owners(self, tenant: str) -> int:
         return self.replica.count_owners(tenant)  # as of the last sync: a quota, not a count
 
-    @_locked
     def count_tenants(self) -> int:
         return self.replica.count_tenants()  # the tenants this process has touched
 
     def held_blocks(self) -> int:
         return self.replica.held_blocks()  # one int read: no lock, no round trip
 
-    @_locked
     def num_blocks(self) -> int:
         with contextlib.suppress(BackendUnavailableError):  # report what this replica knows
             self.sync_all()
         return self.replica.num_blocks()
 
-    @_locked
     def stats(self, tenant: str | None = None) -> IndexStats:
         with contextlib.suppress(BackendUnavailableError):
             if tenant is None:
                 self.sync_all()
             else:
-                self.sync(tenant)
+                with self._lock_of(tenant):
+                    self.sync(tenant)
         return self.replica.stats(tenant)
 
-    @_locked
     def tenants(self) -> list[str]:
         return sorted(self._tenants())
 
-    @_locked
     def export(self, tenant: str | None = None) -> Iterator[OwnerRecord]:
         # an export must be complete: raise rather than export a stale view
         if tenant is None:
             self.sync_all()
-        else:
+            return iter(list(self.replica.export(None)))
+        with self._lock_of(tenant):
             self.sync(tenant)
-        return iter(list(self.replica.export(tenant)))  # materialized under the lock
+            return iter(list(self.replica.export(tenant)))  # materialized under the lock
 
     def health(self) -> BackendHealth:
         return self.store.health(self.degraded_lookups, resyncs=self.resyncs, applied=self.applied)
@@ -519,10 +533,8 @@ def _follow(ref: weakref.ref[RedisIndex], url: str, block_ms: int = 500) -> None
         idx = ref()
         if idx is None:
             break
-        with idx._lock:
-            feeds = {
-                idx.store.tenant_key(t, "feed"): (t, c.feed_id) for t, c in idx._cursors.items()
-            }
+        cursors = dict(idx._cursors)  # a copy in C: writers may add tenants meanwhile
+        feeds = {idx.store.tenant_key(t, "feed"): (t, c.feed_id) for t, c in cursors.items()}
         if client is None:
             client = redis.Redis.from_url(
                 url, socket_timeout=block_ms / 1000 + 2, socket_connect_timeout=1.0
@@ -544,7 +556,7 @@ def _follow(ref: weakref.ref[RedisIndex], url: str, block_ms: int = 500) -> None
         for key, _ in replies:
             tenant = feeds[key.decode()][0]
             try:
-                with idx._lock:
+                with idx._lock_of(tenant):
                     idx.sync(tenant)
             except BackendUnavailableError:
                 break
