@@ -94,6 +94,44 @@ class PromptBody(BaseModel):
         )
 
 
+class IndexResponse(BaseModel):
+    agent_id: str
+    num_tokens: int
+    num_blocks: int
+    new_blocks: int  # blocks nobody in the tenant held before
+    shared_blocks: int
+    block_hashes: list[str]  # hex chain hashes, one per full block
+
+
+class PrefixHashResponse(BaseModel):
+    num_blocks: int  # leading blocks some agent of the tenant holds
+    prefix_hash_hex: str | None
+    first_block_hash_hex: str | None
+    prefix_event_hash: int | None  # the u64 form vLLM's KV events carry
+
+
+class AgentsResponse(BaseModel):
+    agents: list[str]
+    degraded: bool | None = None  # present (true) when the shared index was unreachable
+
+
+class RemovedResponse(BaseModel):
+    removed_blocks: int
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class RouteResponse(BaseModel):
+    engine: str
+    num_blocks: int
+    # with [router] expose_decisions only
+    cached_blocks: int | None = None
+    scores: dict[str, float] | None = None
+    reason: str | None = None
+
+
 class IndexBody(PromptBody):
     agent_id: str = Field(min_length=1, max_length=256)
 
@@ -538,7 +576,7 @@ def create_app(
         413: {"description": "Request body or prompt over the configured limits."},
     }
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=HealthResponse)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -548,7 +586,7 @@ def create_app(
         503: {"description": "The shared index (Redis) is unreachable; nothing changed."},
     }
 
-    @app.post("/v1/index", dependencies=deps, responses=writes)
+    @app.post("/v1/index", dependencies=deps, responses=writes, response_model=IndexResponse)
     def index(body: IndexBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
         r = m.index_prompt(
             body.agent_id,
@@ -608,7 +646,9 @@ def create_app(
         # a 512-block report is large: msgspec encodes it ~20x faster than the default path
         return Response(_json.encode(d), media_type="application/json")
 
-    @app.post("/v1/prefix-hash", dependencies=deps, responses=errors)
+    @app.post(
+        "/v1/prefix-hash", dependencies=deps, responses=errors, response_model=PrefixHashResponse
+    )
     def prefix_hash(body: PromptBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
         p = m.get_shared_prefix_hash(
             body.value(),
@@ -627,11 +667,22 @@ def create_app(
 
     # an agent id may hold "/" or a newline (it can be indexed with one, so it must be
     # deletable): the ``agent_id`` convertor takes the rest of the path, whatever it holds
-    @app.delete("/v1/agents/{agent_id:agent_id}", dependencies=deps, responses=writes)
+    @app.delete(
+        "/v1/agents/{agent_id:agent_id}",
+        dependencies=deps,
+        responses=writes,
+        response_model=RemovedResponse,
+    )
     def clear(agent_id: str, t: str | None = Depends(tenant)) -> dict[str, int]:
         return {"removed_blocks": m.clear_agent(agent_id, tenant=t)}
 
-    @app.get("/v1/agents", dependencies=deps, responses=errors)
+    @app.get(
+        "/v1/agents",
+        dependencies=deps,
+        responses=errors,
+        response_model=AgentsResponse,
+        response_model_exclude_none=True,
+    )
     def agents(t: str | None = Depends(tenant)) -> dict[str, Any]:
         names, degraded = m.list_agents(tenant=t)
         # the shared index unreachable: say so, never pass an empty list off as the truth
@@ -656,7 +707,12 @@ def create_app(
         "/v1/route",
         dependencies=deps,
         response_class=Response,
-        responses={**errors, **invalid, 404: {"description": "No engines configured."}},
+        responses={
+            **errors,
+            **invalid,
+            200: {"model": RouteResponse, "description": "The chosen engine."},
+            404: {"description": "No engines configured."},
+        },
         openapi_extra=body_schema(RouteBody),
     )
     async def route(request: Request, t: str | None = Depends(tenant)) -> Response:
