@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import zmq
 
@@ -75,7 +77,9 @@ def test_pool_evicts_lru_and_frees_tail_first() -> None:
     assert e.prefill_tokens == 48 + 16 + 16 + 16
 
 
-def test_events_mirror_the_true_cache_over_real_sockets() -> None:
+@contextmanager
+def _wired() -> Iterator[tuple[EventPublisher, EventSubscriber, ResidencyIndex]]:
+    """A publisher and a subscriber over real sockets, feeding one residency."""
     ctx = zmq.Context()
     res = ResidencyIndex()
     pub = EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", context=ctx)
@@ -83,20 +87,27 @@ def test_events_mirror_the_true_cache_over_real_sockets() -> None:
         "e", pub.endpoint, res, replay_endpoint=pub.replay_endpoint, context=ctx
     ).start()
     time.sleep(0.2)
-    eng = SimEngine("e", num_blocks=40, publisher=pub)
-    running = []
-    for i, r in enumerate(_requests(4)):
-        toks = r.token_ids[: 16 * 12 + 5]
-        running.append(eng.admit(keys(toks), toks).blocks)
-        if i % 2:
-            eng.release(running.pop(0))
-    assert sub.wait_for_seq(pub.next_seq - 1, timeout=10)
-    held = set(res._engines["e"].counts.get("GPU", {}))
-    assert held == set(eng.cached)
-    assert res.stats()["engines"]["e"]["GPU"] == len(eng.cached)
-    sub.stop()
-    pub.close()
-    ctx.term()
+    try:
+        yield pub, sub, res
+    finally:
+        sub.stop()
+        pub.close()
+        ctx.term()
+
+
+def test_events_mirror_the_true_cache_over_real_sockets() -> None:
+    with _wired() as (pub, sub, res):
+        eng = SimEngine("e", num_blocks=40, publisher=pub)
+        running = []
+        for i, r in enumerate(_requests(4)):
+            toks = r.token_ids[: 16 * 12 + 5]
+            running.append(eng.admit(keys(toks), toks).blocks)
+            if i % 2:
+                eng.release(running.pop(0))
+        assert sub.wait_for_seq(pub.next_seq - 1, timeout=10)
+        held = set(res._engines["e"].counts.get("GPU", {}))
+        assert held == set(eng.cached)
+        assert res.stats()["engines"]["e"]["GPU"] == len(eng.cached)
 
 
 def test_prefix_routing_beats_blind_policies_under_cache_pressure() -> None:
@@ -193,14 +204,7 @@ def test_pool_follows_vllm_block_pool_rules() -> None:
 def test_duplicate_copies_reach_the_residency_as_vllm_sends_them() -> None:
     """Two copies of one hash: two BlockStored, and the block stays held until both copies
     are evicted (two BlockRemoved) — over real sockets."""
-    ctx = zmq.Context()
-    res = ResidencyIndex()
-    pub = EventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", context=ctx)
-    sub = EventSubscriber(
-        "e", pub.endpoint, res, replay_endpoint=pub.replay_endpoint, context=ctx
-    ).start()
-    time.sleep(0.2)
-    try:
+    with _wired() as (pub, sub, res):
         e = SimEngine("e", num_blocks=4, publisher=pub)
         p = list(range(32))
         e.release(e.admit(keys(p), p).blocks)
@@ -214,10 +218,6 @@ def test_duplicate_copies_reach_the_residency_as_vllm_sends_them() -> None:
         assert sub.wait_for_seq(pub.next_seq - 1, timeout=10)
         held = res._engines["e"].counts["GPU"]
         assert set(held) == set(e.cached) and all(held[h] == len(e.cached[h]) for h in held)
-    finally:
-        sub.stop()
-        pub.close()
-        ctx.term()
 
 
 def test_time_to_first_token_follows_the_queue() -> None:

@@ -93,6 +93,15 @@ class PromptBody(BaseModel):
             self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs
         )
 
+    def prompt_options(self) -> dict[str, Any]:
+        """The matcher's keyword arguments for this body's prompt (salt, LoRA, tools, chat)."""
+        return {
+            "cache_salt": self.cache_salt,
+            "lora": self.lora_pair(),
+            "tools": self.tools,
+            "chat": self.chat(),
+        }
+
 
 class IndexResponse(BaseModel):
     agent_id: str
@@ -295,7 +304,7 @@ class _ProxyCollector(Collector):
         up = GaugeMetricFamily(
             "kvforge_engine_up", "Engine in rotation (1) or down (0)", labels=["engine"]
         )
-        for e in self.proxy.health._streak:
+        for e in self.proxy.health.engines:
             up.add_metric([e], 1.0 if h.is_up(e) else 0.0)
         yield from (claims, wrong, fails, retries, up)
 
@@ -588,15 +597,7 @@ def create_app(
 
     @app.post("/v1/index", dependencies=deps, responses=writes, response_model=IndexResponse)
     def index(body: IndexBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
-        r = m.index_prompt(
-            body.agent_id,
-            body.value(),
-            tenant=t,
-            cache_salt=body.cache_salt,
-            lora=body.lora_pair(),
-            tools=body.tools,
-            chat=body.chat(),
-        )
+        r = m.index_prompt(body.agent_id, body.value(), tenant=t, **body.prompt_options())
         return {
             "agent_id": r.agent_id,
             "num_tokens": r.num_tokens,
@@ -632,13 +633,7 @@ def create_app(
 
     def _match(body: MatchStruct, t: str | None) -> Response:
         r = m.find_reusable_blocks(
-            body.value(),
-            exclude_agent=body.exclude_agent,
-            tenant=t,
-            cache_salt=body.cache_salt,
-            lora=body.lora_pair(),
-            tools=body.tools,
-            chat=body.chat(),
+            body.value(), exclude_agent=body.exclude_agent, tenant=t, **body.prompt_options()
         )
         if r.num_tokens:
             metrics.hit_ratio.observe(r.reusable_tokens / r.num_tokens)
@@ -650,14 +645,7 @@ def create_app(
         "/v1/prefix-hash", dependencies=deps, responses=errors, response_model=PrefixHashResponse
     )
     def prefix_hash(body: PromptBody, t: str | None = Depends(tenant)) -> dict[str, Any]:
-        p = m.get_shared_prefix_hash(
-            body.value(),
-            tenant=t,
-            cache_salt=body.cache_salt,
-            lora=body.lora_pair(),
-            tools=body.tools,
-            chat=body.chat(),
-        )
+        p = m.get_shared_prefix_hash(body.value(), tenant=t, **body.prompt_options())
         return {
             "num_blocks": p.num_blocks,
             "prefix_hash_hex": p.prefix_hash_hex,

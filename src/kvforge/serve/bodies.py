@@ -53,6 +53,15 @@ class PromptStruct(msgspec.Struct, forbid_unknown_fields=True):
             self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs
         )
 
+    def prompt_options(self) -> dict[str, Any]:
+        """The matcher's keyword arguments for this body's prompt (salt, LoRA, tools, chat)."""
+        return {
+            "cache_salt": self.cache_salt,
+            "lora": self.lora_pair(),
+            "tools": self.tools,
+            "chat": self.chat(),
+        }
+
 
 class MatchStruct(PromptStruct, forbid_unknown_fields=True):
     exclude_agent: _Name | None = None

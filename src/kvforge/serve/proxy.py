@@ -81,6 +81,10 @@ class EngineHealth:
     def is_up(self, name: str) -> bool:
         return name not in self._down
 
+    @property
+    def engines(self) -> list[str]:
+        return list(self._streak)
+
 
 @dataclass
 class ClaimStats:
@@ -216,7 +220,7 @@ def add_proxy(
         if not left:
             return None
         e = left[0]
-        held = int(min(d.scores.get(e, 0.0), d.cached_blocks if e == d.engine else 1e18))
+        held = int(d.scores.get(e, 0.0))  # its skippable prefix, tier-weighted
         return replace(
             d,
             engine=e,
