@@ -49,6 +49,7 @@ from typing import Any
 
 from kvforge.errors import InvalidInputError
 from kvforge.route import EngineConfig
+from kvforge.store.url import parse_backend_url
 
 
 @dataclass
@@ -194,23 +195,19 @@ def load_config(
         flags = {k: v for k, v in given.items() if v is not None}
         _apply(getattr(cfg, name), name, flags, "command line")
     cfg.engines = [_engine(i, e) for i, e in enumerate(raw.get("engines", []))]
-    url = cfg.service.index_url
-    if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
-        raise InvalidInputError(
-            f"config: [service].index_url must be memory:// or redis://… (got {url!r})"
-        )
+    backend = parse_backend_url(cfg.service.index_url, "config: [service].index_url")
     if cfg.router.policy not in ("prefix", "ttft"):
         raise InvalidInputError(
             f"config: [router].policy must be prefix or ttft (got {cfg.router.policy!r})"
         )
     if cfg.service.workers < 1:
         raise InvalidInputError("config: [service].workers must be at least 1")
-    if cfg.service.workers > 1 and url.startswith("memory://"):
+    if cfg.service.workers > 1 and not backend.shared:
         raise InvalidInputError(
             "config: [service].workers > 1 needs a shared index_url (redis://…): with "
             "memory:// every worker process would keep its own index and residency"
         )
-    if cfg.service.snapshot_path and not url.startswith("memory://"):
+    if cfg.service.snapshot_path and backend.shared:
         raise InvalidInputError(
             "config: [service].snapshot_path persists the embedded index; with a Redis "
             "index_url, Redis itself persists the shared state (configure its AOF/RDB)"

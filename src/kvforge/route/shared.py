@@ -44,6 +44,7 @@ from kvforge.events.schema import KVEventBatch, encode_batch, parse_batch
 from kvforge.route.residency import PrefixScore, PrefixWalk, ResidencyIndex
 from kvforge.store.health import BackendHealth
 from kvforge.store.redis import BackendUnavailableError, RedisStore
+from kvforge.store.url import parse_backend_url
 
 log = logging.getLogger(__name__)
 
@@ -396,18 +397,12 @@ class _NothingHeld(PrefixWalk):
 def open_residency(url: str | None, tier_weights: dict[str, float] | None = None) -> ResidencyIndex:
     """``None`` / ``memory://``: this process's own residency. ``redis://…``: shared by every
     replica on that Redis (the URL's ``prefix`` query parameter namespaces the keys)."""
-    if url is None or url.startswith("memory"):
+    parsed = parse_backend_url(url)
+    if not parsed.shared:
         return ResidencyIndex(tier_weights)
-    from kvforge.index.open import split_redis_url
-
-    base, opts = split_redis_url(url)
     return SharedResidency(
-        base,
-        prefix=str(opts.get("prefix", "kvf")),
+        parsed.client_url,
+        prefix=str(parsed.options.get("prefix", "kvf")),
         tier_weights=tier_weights,
-        socket_timeout=_number(opts.get("socket_timeout"), 0.5),
+        socket_timeout=parsed.option("socket_timeout", 0.5),
     )
-
-
-def _number(value: object, default: float) -> float:
-    return float(value) if isinstance(value, int | float) else default

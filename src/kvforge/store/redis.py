@@ -23,12 +23,13 @@ import logging
 import threading
 import time
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import redis
 
-from kvforge.errors import KvforgeError
+from kvforge.errors import InvalidInputError, KvforgeError
 from kvforge.store.health import BackendHealth
+from kvforge.store.url import mask_url, parse_backend_url
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +80,11 @@ class BackendUnavailableError(KvforgeError):
 
 
 def is_redis_url(url: str | None) -> bool:
-    return bool(url) and urlsplit(str(url)).scheme in ("redis", "rediss", "unix")
-
-
-def mask_url(url: str) -> str:
-    """The URL without its password: safe to log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """Whether ``url`` names a Redis backend (by the one parser, ``store/url.py``)."""
+    try:
+        return parse_backend_url(url).shared
+    except InvalidInputError:
+        return False
 
 
 class RedisStore:
