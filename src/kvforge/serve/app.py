@@ -48,6 +48,16 @@ from kvforge.route.tenancy import TenantSalt
 from kvforge.serve.bodies import BodyError, MatchStruct, RouteStruct, decode
 from kvforge.serve.proxy import Proxy, add_proxy
 from kvforge.serve.record import Recorder
+from kvforge.serve.responses import (
+    AgentsResponse,
+    HealthResponse,
+    IndexResponse,
+    MatchResponse,
+    PrefixHashResponse,
+    RemovedResponse,
+    RouteResponse,
+    StatsResponse,
+)
 from kvforge.store import BackendUnavailableError
 from kvforge.tokenize import ChatOptions
 
@@ -101,44 +111,6 @@ class PromptBody(BaseModel):
             "tools": self.tools,
             "chat": self.chat(),
         }
-
-
-class IndexResponse(BaseModel):
-    agent_id: str
-    num_tokens: int
-    num_blocks: int
-    new_blocks: int  # blocks nobody in the tenant held before
-    shared_blocks: int
-    block_hashes: list[str]  # hex chain hashes, one per full block
-
-
-class PrefixHashResponse(BaseModel):
-    num_blocks: int  # leading blocks some agent of the tenant holds
-    prefix_hash_hex: str | None
-    first_block_hash_hex: str | None
-    prefix_event_hash: int | None  # the u64 form vLLM's KV events carry
-
-
-class AgentsResponse(BaseModel):
-    agents: list[str]
-    degraded: bool | None = None  # present (true) when the shared index was unreachable
-
-
-class RemovedResponse(BaseModel):
-    removed_blocks: int
-
-
-class HealthResponse(BaseModel):
-    status: str
-
-
-class RouteResponse(BaseModel):
-    engine: str
-    num_blocks: int
-    # with [router] expose_decisions only
-    cached_blocks: int | None = None
-    scores: dict[str, float] | None = None
-    reason: str | None = None
 
 
 class IndexBody(PromptBody):
@@ -624,7 +596,11 @@ def create_app(
         "/v1/match",
         dependencies=deps,
         response_class=Response,
-        responses={**errors, **invalid},
+        responses={
+            **errors,
+            **invalid,
+            200: {"model": MatchResponse, "description": "The match report."},
+        },
         openapi_extra=body_schema(MatchBody),
     )
     async def match(request: Request, t: str | None = Depends(tenant)) -> Response:
@@ -676,7 +652,13 @@ def create_app(
         # the shared index unreachable: say so, never pass an empty list off as the truth
         return {"agents": names, "degraded": True} if degraded else {"agents": names}
 
-    @app.get("/v1/stats", dependencies=deps, responses=errors)
+    @app.get(
+        "/v1/stats",
+        dependencies=deps,
+        responses=errors,
+        response_model=StatsResponse,
+        response_model_exclude_unset=True,  # the router's sections only when it runs
+    )
     def stats(t: str | None = Depends(tenant)) -> dict[str, Any]:
         # the caller's tenant only (X-Tenant, or the default one): how many tenants there are
         # and what they hold is the operator's business (/metrics)
