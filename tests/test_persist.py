@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from conftest import serve_process
 
 from kvforge import SyncMatcher
-from kvforge.persist import SnapshotError, Snapshotter, load_snapshot, save_snapshot
+from kvforge.index.record import to_wire
+from kvforge.persist import MAGIC, SnapshotError, Snapshotter, load_snapshot, save_snapshot
 
 SYSTEM = list(range(1000, 1064))
 
@@ -61,6 +64,58 @@ def test_corruption_is_detected_and_set_aside(tmp_path: Path) -> None:
         load_snapshot(fresh, path)
     assert Snapshotter(fresh, path).restore() == 0  # moved aside, fresh start
     assert not path.exists() and (tmp_path / "index.snapshot.corrupt").exists()
+
+
+def _write(path: Path, body: bytes) -> None:
+    path.write_bytes(MAGIC + hashlib.sha256(body).digest() + body)
+
+
+def test_format_1_snapshots_still_load(tmp_path: Path) -> None:
+    """Format 1 stored ``[tenant, owner, …]``; format 2 the record the Redis index stores.
+    A snapshot written before the change restores the same index."""
+    a = SyncMatcher()
+    _fill(a)
+    owners = [
+        (
+            r.tenant,
+            r.info.owner,
+            r.info.num_tokens,
+            r.info.cache_salt,
+            r.info.lora_name,
+            r.namespace,
+            r.tokens.astype("<u4").tobytes(),
+        )
+        for r in a.export()
+    ]
+    body = msgspec.msgpack.encode(
+        {"format": 1, "block_size": 16, "hash_algo": "sha256", "owners": owners}
+    )
+    _write(tmp_path / "v1.snapshot", body)
+    b = SyncMatcher()
+    assert load_snapshot(b, tmp_path / "v1.snapshot") == 4
+    assert _counts(a) == _counts(b)
+    q = SYSTEM + list(range(5000, 5040))
+    kw = {"tenant": "acme", "cache_salt": "s-1"}
+    assert a.find_reusable_blocks(q, **kw) == b.find_reusable_blocks(q, **kw)
+
+
+def test_a_sound_file_with_a_bad_record_restores_nothing(tmp_path: Path) -> None:
+    a = SyncMatcher()
+    _fill(a)
+    wires = [to_wire(r, with_tenant=True) for r in a.export()]
+    bad = next(w for w in wires if w.tokens)
+    bad.tokens = bad.tokens[:-4]  # not whole blocks
+    body = msgspec.msgpack.encode(
+        {"format": 2, "block_size": 16, "hash_algo": "sha256", "owners": wires}
+    )
+    _write(tmp_path / "bad.snapshot", body)
+    fresh = SyncMatcher()
+    with pytest.raises(SnapshotError, match="not whole blocks"):
+        load_snapshot(fresh, tmp_path / "bad.snapshot")
+    assert fresh.stats()["agents"] == 0
+    _write(tmp_path / "future.snapshot", msgspec.msgpack.encode({"format": 9}))
+    with pytest.raises(SnapshotError, match="format 9 is newer"):
+        load_snapshot(fresh, tmp_path / "future.snapshot")
 
 
 def test_snapshotter_saves_only_changes(tmp_path: Path) -> None:

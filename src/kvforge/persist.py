@@ -1,8 +1,10 @@
 """Snapshots of the embedded index: restart without losing what was indexed.
 
-A snapshot stores every owner's indexed tokens with its tenant, metadata and namespace
-(cache_salt, LoRA); restoring re-hashes them with the current configuration, so it never trusts
-stored hashes. The file is ``MAGIC + sha256(body) + msgpack body``, written to a temporary file,
+A snapshot stores every owner's record (``index/record.py``, the codec the Redis index uses:
+indexed tokens, metadata, namespace) with its tenant; restoring goes through the matcher's
+public ``export`` / ``restore`` and re-hashes the tokens with the current configuration, so it
+never trusts stored hashes. Format 2; format-1 files (the same fields, tenant first) still load.
+The file is ``MAGIC + sha256(body) + msgpack body``, written to a temporary file,
 fsynced and renamed over the old one: a crash (even ``kill -9``) leaves the previous snapshot or
 the new one, never a torn file. A corrupted or foreign file raises ``SnapshotError``.
 """
@@ -16,11 +18,10 @@ import threading
 from pathlib import Path
 
 import msgspec
-import numpy as np
 
-from kvforge.blocks import BlockSequence, LoRA
 from kvforge.errors import KvforgeError
-from kvforge.index import OwnerInfo
+from kvforge.index.base import OwnerRecord
+from kvforge.index.record import BadRecordError, OwnerWire, from_wire, to_wire
 from kvforge.match import SyncMatcher
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,9 @@ class SnapshotError(KvforgeError):
     """The snapshot file is unreadable, corrupted or not a kvforge snapshot."""
 
 
-class _Owner(msgspec.Struct, array_like=True):
+class _OwnerV1(msgspec.Struct, array_like=True):
+    """An owner in a format-1 snapshot (read only; format 2 stores the shared record)."""
+
     tenant: str
     owner: str
     num_tokens: int
@@ -45,24 +48,20 @@ class _Snapshot(msgspec.Struct):
     format: int
     block_size: int
     hash_algo: str
-    owners: list[_Owner]
+    owners: list[OwnerWire]  # the Redis index's record codec, with the tenant
+
+
+class _SnapshotV1(msgspec.Struct):
+    format: int
+    block_size: int
+    hash_algo: str
+    owners: list[_OwnerV1]
 
 
 def save_snapshot(matcher: SyncMatcher, path: str | Path) -> int:
     """Write the matcher's index to ``path`` atomically; returns the number of owners."""
-    owners = [
-        _Owner(
-            r.tenant,
-            r.info.owner,
-            r.info.num_tokens,
-            r.info.cache_salt,
-            r.info.lora_name,
-            r.namespace,
-            r.tokens.astype("<u4").tobytes(),
-        )
-        for r in matcher.export()
-    ]
-    body = msgspec.msgpack.encode(_Snapshot(1, matcher.block_size, matcher.hash_algo, owners))
+    owners = [to_wire(r, with_tenant=True) for r in matcher.export()]
+    body = msgspec.msgpack.encode(_Snapshot(2, matcher.block_size, matcher.hash_algo, owners))
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -76,6 +75,28 @@ def save_snapshot(matcher: SyncMatcher, path: str | Path) -> int:
     finally:
         os.close(dir_fd)
     return len(owners)
+
+
+def _records(body: bytes, block_size: int) -> list[OwnerRecord]:
+    fmt = msgspec.msgpack.decode(body, type=_Format).format
+    if fmt == 1:
+        old = msgspec.msgpack.decode(body, type=_SnapshotV1)
+        return [
+            from_wire(
+                OwnerWire(o.owner, o.num_tokens, o.cache_salt, o.lora_name, o.namespace, o.tokens),
+                block_size,
+                tenant=o.tenant,
+            )
+            for o in old.owners
+        ]
+    if fmt == 2:
+        snap = msgspec.msgpack.decode(body, type=_Snapshot)
+        return [from_wire(w, block_size) for w in snap.owners]
+    raise SnapshotError(f"snapshot format {fmt} is newer than this kvforge reads")
+
+
+class _Format(msgspec.Struct):
+    format: int
 
 
 def load_snapshot(matcher: SyncMatcher, path: str | Path) -> int:
@@ -93,23 +114,10 @@ def load_snapshot(matcher: SyncMatcher, path: str | Path) -> int:
     if hashlib.sha256(body).digest() != digest:
         raise SnapshotError(f"snapshot {p} is corrupted (checksum mismatch)")
     try:
-        snap = msgspec.msgpack.decode(body, type=_Snapshot)
-    except msgspec.DecodeError as exc:
+        records = _records(body, matcher.block_size)
+    except (msgspec.DecodeError, BadRecordError) as exc:
         raise SnapshotError(f"snapshot {p} is corrupted: {exc}") from exc
-    # rebuild everything first: a bad record must not leave a half-restored index
-    seqs = []
-    for o in snap.owners:
-        tokens = np.frombuffer(o.tokens, dtype="<u4").astype(np.int64).tolist()
-        salt, lora_name, lora_path = o.namespace
-        lora = LoRA(lora_name, lora_path) if lora_name else None
-        seq = BlockSequence(matcher.hasher, tokens, cache_salt=salt or None, lora=lora)
-        info = OwnerInfo(o.owner, o.num_tokens, seq.num_blocks, o.cache_salt, o.lora_name)
-        seqs.append((o.tenant, o.owner, seq, info))
-    for tenant, owner, seq, info in seqs:
-        seq.chain_keys  # noqa: B018 - hash outside the lock
-        with matcher.tenant_lock(tenant):
-            matcher.index.put(tenant, owner, seq, info)
-    return len(seqs)
+    return matcher.restore(records)  # all records re-hashed first: all or nothing
 
 
 class Snapshotter:

@@ -42,7 +42,7 @@ import msgspec
 import numpy as np
 import redis
 
-from kvforge.blocks import BlockHasher, BlockSequence, LoRA
+from kvforge.blocks import BlockHasher, BlockSequence
 from kvforge.errors import KvforgeError
 from kvforge.index.base import (
     PREFIX_ONLY,
@@ -55,26 +55,19 @@ from kvforge.index.base import (
     PutResult,
 )
 from kvforge.index.memory import MemoryIndex
+from kvforge.index.record import (
+    BadRecordError,
+    decode_record,
+    encode_record,
+    record_of,
+    record_sequence,
+)
 from kvforge.store.health import BackendHealth
 from kvforge.store.redis import REDIS_DOWN, BackendUnavailableError, RedisStore
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-class _Record(msgspec.Struct, array_like=True):
-    """One owner's indexed prompt as Redis stores it (msgpack)."""
-
-    owner: str
-    num_tokens: int
-    cache_salt: str | None
-    lora_name: str | None
-    namespace: tuple[str, str, str]
-    tokens: bytes  # little-endian uint32, full blocks only
-
-
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(_Record)
 
 # KEYS: meta, owners, feed, seen. ARGV: owner, record ('' removes), feed cap, ttl ms.
 # Returns {version, epoch, feed id, old record or false}; a remove of an unknown owner changes
@@ -272,29 +265,9 @@ class RedisIndex(BlockIndex):
         return [k(tenant, "meta"), k(tenant, "owners"), k(tenant, "feed"), k(tenant, "seen")]
 
     # ---- records -------------------------------------------------------------------------
-    @staticmethod
-    def _encode(seq: BlockSequence, info: OwnerInfo) -> bytes:
-        return _ENCODER.encode(
-            _Record(
-                info.owner,
-                info.num_tokens,
-                info.cache_salt,
-                info.lora_name,
-                seq.namespace,
-                seq.tokens.astype("<u4").tobytes(),
-            )
-        )
-
-    def _decode(self, owner: str, raw: bytes) -> tuple[BlockSequence, OwnerInfo]:
-        rec = _DECODER.decode(raw)
-        if len(rec.tokens) % (4 * self.block_size):
-            raise ValueError("the record's tokens are not whole blocks")
-        tokens = np.frombuffer(rec.tokens, dtype="<u4").tolist()
-        salt, lora_name, lora_path = rec.namespace
-        lora = LoRA(lora_name, lora_path) if lora_name else None
-        seq = BlockSequence(self.hasher, tokens, cache_salt=salt or None, lora=lora)
-        info = OwnerInfo(owner, rec.num_tokens, seq.num_blocks, rec.cache_salt, rec.lora_name)
-        return seq, info
+    def _decode(self, tenant: str, owner: str, raw: bytes) -> tuple[BlockSequence, OwnerInfo]:
+        rec = decode_record(raw, self.block_size, tenant=tenant, owner=owner)
+        return record_sequence(rec, self.hasher), rec.info
 
     def _apply(self, tenant: str, owner: str, raw: bytes | None) -> None:
         """Make the replica's view of ``owner`` equal the record (None: removed)."""
@@ -302,7 +275,7 @@ class RedisIndex(BlockIndex):
             self.replica.remove(tenant, owner)
             return
         try:
-            seq, info = self._decode(owner, raw)
+            seq, info = self._decode(tenant, owner, raw)
             self.replica.put(tenant, owner, seq, info)
         except (msgspec.DecodeError, KvforgeError, ValueError) as exc:
             # a record this replica cannot use must not stop it from following the feed
@@ -426,7 +399,7 @@ class RedisIndex(BlockIndex):
     @_locked
     def put(self, tenant: str, owner: str, seq: BlockSequence, info: OwnerInfo) -> PutResult:
         self.replica.validate(tenant, seq)  # raises before Redis is touched
-        caught, written = self._write_op(tenant, owner, self._encode(seq, info))
+        caught, written = self._write_op(tenant, owner, encode_record(record_of(tenant, seq, info)))
         self._advance(tenant, caught, written, owner)
         result = self.replica.put(tenant, owner, seq, info)
         self._wrote(tenant, written)
@@ -449,7 +422,10 @@ class RedisIndex(BlockIndex):
         old = written[3]
         if not old:
             return 0
-        return len(_DECODER.decode(old).tokens) // (4 * self.block_size)
+        try:
+            return decode_record(old, self.block_size, tenant=tenant, owner=owner).info.num_blocks
+        except BadRecordError:  # removed all the same; it held nothing usable
+            return 0
 
     # ---- reads ---------------------------------------------------------------------------
     @_locked

@@ -15,7 +15,7 @@ import itertools
 import math
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from kvforge.blocks import BlockHasher, BlockSequence, LoRA, event_hash, validat
 from kvforge.errors import InvalidInputError, PromptTooLargeError, QuotaExceededError
 from kvforge.index import BlockIndex, LookupOptions, OwnerInfo, open_index
 from kvforge.index.anchors import MAX_NEAR_RADIUS
+from kvforge.index.base import OwnerRecord
+from kvforge.index.record import record_sequence
 from kvforge.match.explain import (
     best_owner,
     block_matches,
@@ -423,14 +425,27 @@ class SyncMatcher:
             except BackendUnavailableError:
                 return [], True
 
-    def export(self) -> list[Any]:
+    def export(self) -> list[OwnerRecord]:
         """Every owner's record (``OwnerRecord``), each tenant taken as a consistent cut under
         its lock (no write of that tenant interleaves); for snapshots."""
-        out: list[Any] = []
+        out: list[OwnerRecord] = []
         for tenant in self.index.tenants():
             with self.tenant_lock(tenant):
                 out += self.index.export(tenant)
         return out
+
+    def restore(self, records: Iterable[OwnerRecord]) -> int:
+        """Index exported records (``export``) again, re-hashed with this matcher's
+        configuration; returns how many. Every record is rebuilt before the first is indexed,
+        so a bad one indexes nothing."""
+        items = [(r, record_sequence(r, self.hasher)) for r in records]
+        for r, seq in items:
+            seq.chain_keys  # noqa: B018 - hash outside the lock
+            with self.tenant_lock(r.tenant):
+                self.index.put(r.tenant, r.info.owner, seq, r.info)
+        if items:
+            self.generation = next(self._generations)
+        return len(items)
 
     def stats(self, *, tenant: str | None = None, scoped: bool = False) -> dict[str, Any]:
         """Index sizes and configuration. ``scoped``: only ``tenant``'s part (the default
