@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +119,100 @@ def test_ttft_policy_and_tier_weight_from_the_config(tmp_path: Path) -> None:
     assert chosen == {"ttft": "e1", "prefix": "e0"}
     with pytest.raises(InvalidInputError, match="prefix or ttft"):
         load_config(None, env={"KVFORGE_ROUTER_POLICY": "fastest"})
+
+
+def _other_value(f: Any, current: Any) -> Any:
+    """A valid value different from the default, for any field of any section."""
+    t = str(f.type)
+    if "bool" in t:
+        return not current
+    if f.name == "index_url":
+        return "redis://localhost:1/0"
+    if f.name == "policy":
+        return "ttft"
+    if f.name == "hash_algo":
+        return "xxhash"
+    if "int" in t:
+        return (current or 0) + 3
+    if "float" in t:
+        return (current or 0.0) + 0.25
+    return f"x-{f.name}"
+
+
+def test_every_field_is_reachable_from_file_environment_and_flags(tmp_path: Path) -> None:
+    """No option is left to one source: each field of each section is set three ways."""
+    import dataclasses
+
+    from kvforge.config import merge_overrides, parse_settings
+
+    defaults = load_config(None, env={})
+    for section in ("matcher", "service", "router"):
+        for f in dataclasses.fields(getattr(defaults, section)):
+            if f.name in ("workers", "snapshot_path"):  # checked against index_url below
+                continue
+            want = _other_value(f, getattr(getattr(defaults, section), f.name))
+            text = str(want).lower() if isinstance(want, bool) else want
+            toml = tmp_path / "k.toml"
+            toml.write_text(f"[{section}]\n{f.name} = {json.dumps(want)}\n")
+            env = {f"KVFORGE_{section.upper()}_{f.name.upper()}": str(text)}
+            flags = parse_settings([f"{section}.{f.name}={text}"])
+            for cfg in (
+                load_config(toml, env={}),
+                load_config(None, env=env),
+                load_config(None, env={}, overrides=flags),
+            ):
+                assert getattr(getattr(cfg, section), f.name) == want, (section, f.name)
+    # workers > 1 needs a shared index: both given as flags
+    cfg = load_config(
+        None,
+        env={},
+        overrides=parse_settings(["service.workers=2", "service.index_url=redis://h:1/0"]),
+    )
+    assert cfg.service.workers == 2
+    # the named flags win over --set; a flag left out (None) does not erase it
+    merged = merge_overrides(
+        parse_settings(["service.port=9001", "router.policy=ttft"]),
+        {"service": {"port": 9002, "host": None}},
+    )
+    assert merged == {"service": {"port": 9002}, "router": {"policy": "ttft"}}
+    assert load_config(None, env={}, overrides=merged).service.port == 9002
+    for bad, why in (
+        ("port=1", "expected SECTION.KEY=VALUE"),
+        ("service.port", "expected SECTION.KEY=VALUE"),
+        ("engine.name=a", "unknown section"),
+    ):
+        with pytest.raises(InvalidInputError, match=why):
+            parse_settings([bad])
+    with pytest.raises(InvalidInputError, match=r"unknown field \[router\]\.nope"):
+        load_config(None, env={}, overrides=parse_settings(["router.nope=1"]))
+
+
+def test_matcher_and_residency_options_reach_the_objects(tmp_path: Path) -> None:
+    from kvforge import PromptTokenizer
+    from kvforge.index import MemoryIndex
+    from kvforge.serve.factory import build_matcher, build_router
+
+    toml = tmp_path / "k.toml"
+    toml.write_text(
+        "[matcher]\nfind_spans = false\nrecompute_ratio = 0.5\nspan_max_pairs = 77\n"
+        "[router]\nmax_media = 3\nmax_blocks_per_engine = 1000\n"
+        '[[engines]]\nname = "e0"\n'
+    )
+    cfg = load_config(toml, env={})
+    m = build_matcher(cfg)
+    assert m.find_spans is False and m.recompute_ratio == 0.5
+    assert isinstance(m.index, MemoryIndex) and m.index.span_budget.max_pairs == 77
+    router = build_router(cfg, PromptTokenizer.qwen3())
+    assert router is not None
+    assert router.residency.max_media == 3 and router.residency.max_blocks_per_engine == 1000
+
+
+def test_serve_refuses_a_bad_set_before_serving() -> None:
+    from typer.testing import CliRunner
+
+    from kvforge.cli.main import app
+
+    r = CliRunner().invoke(app, ["serve", "--set", "router.policy=fastest"])
+    assert r.exit_code == 2 and "prefix or ttft" in r.output
+    r = CliRunner().invoke(app, ["serve", "--set", "nonsense"])
+    assert r.exit_code == 2 and "SECTION.KEY=VALUE" in r.output

@@ -1,8 +1,10 @@
 """Configuration: one TOML file, environment variables, command-line flags.
 
-Precedence, highest first: **flags > environment > file > defaults**. Environment variables are
-``KVFORGE_<SECTION>_<KEY>`` (``KVFORGE_SERVICE_PORT=9000``, ``KVFORGE_MATCHER_HASH_SEED=0``);
-engines come from the file only. Every error names the field::
+Precedence, highest first: **flags > environment > file > defaults**. Every field of every
+section below is reachable from all three: the file, ``KVFORGE_<SECTION>_<KEY>`` variables
+(``KVFORGE_SERVICE_PORT=9000``, ``KVFORGE_MATCHER_HASH_SEED=0``) and ``kvforge serve --set
+SECTION.KEY=VALUE`` (repeatable; the named flags such as ``--port`` win over it). Engines come
+from the file only. Every error names the field::
 
     [matcher]
     block_size = 16
@@ -65,6 +67,17 @@ class MatcherSection:
     max_tenants: int | None = 100_000
     # distinct indexed blocks, all tenants together: the memory cap (about 150-400 B each)
     max_blocks: int | None = 20_000_000
+    find_spans: bool = True  # moved spans (identical tokens at other positions) in reports
+    recompute_ratio: float = 0.15  # CacheBlend-style share of moved tokens to recompute
+    # the moved-span search's bounds per query (index/spans.py SpanBudget): past any of them
+    # it stops and the report says truncated
+    span_max_postings: int = 512
+    span_max_pairs: int = 32_768
+    span_max_pairs_per_hash: int = 2_048
+    span_max_runs: int = 2_048
+    span_max_tokens: int = 2_000_000
+    span_max_spans: int = 4_096
+    span_max_spans_per_owner: int = 256
 
 
 @dataclass
@@ -111,6 +124,9 @@ class RouterSection:
     policy: str = "prefix"
     # what a block held in CPU memory (vLLM's offloading connector) is worth against GPU
     cpu_tier_weight: float = 0.8
+    # an engine announcing more blocks than this is broken or rogue: its residency is dropped
+    max_blocks_per_engine: int = 4_000_000
+    max_media: int = 8  # tiers (GPU, CPU, a connector's); events of further ones are ignored
 
 
 @dataclass
@@ -147,6 +163,33 @@ def _coerce(where: str, value: Any, annotation: str) -> Any:
         raise InvalidInputError(
             f"config: {where} must be {kind.__name__} (got {value!r})"
         ) from None
+
+
+def parse_settings(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["router.policy=ttft", "matcher.near_radius=0"]`` (the ``--set`` flag) as overrides
+    per section; values are coerced like environment variables, unknown fields refused."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or not name:
+            raise InvalidInputError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        if section not in _SECTIONS:
+            raise InvalidInputError(
+                f"--set {item!r}: unknown section [{section}]; known: {', '.join(_SECTIONS)}"
+            )
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge_overrides(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Later layers win; None means "not given" (a flag left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            given = {k: v for k, v in values.items() if v is not None}
+            out.setdefault(section, {}).update(given)
+    return out
 
 
 def _apply(section: Any, name: str, values: Mapping[str, Any], source: str) -> None:

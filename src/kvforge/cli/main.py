@@ -571,6 +571,14 @@ def serve_cmd(
         str | None,
         typer.Option("--record", help="Write every proxied request to this trace file."),
     ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="SECTION.KEY=VALUE: any configuration field, e.g. router.policy=ttft "
+            "(repeatable; the named flags win).",
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP service: index / match / clear / stats / prefix hash, routing and the
     OpenAI-compatible proxy for the engines of the config file, metrics, health.
@@ -580,11 +588,11 @@ def serve_cmd(
 
     import uvicorn
 
-    from kvforge.config import load_config
+    from kvforge.config import load_config, merge_overrides, parse_settings
     from kvforge.route.tenancy import TenantSalt
     from kvforge.serve.factory import SERVE_ARGS_ENV, api_token, build_app, serve_args
 
-    overrides: dict[str, dict[str, Any]] = {
+    named: dict[str, dict[str, Any]] = {
         "service": {
             "host": host,
             "port": port,
@@ -602,6 +610,7 @@ def serve_cmd(
     }
     note = Console(stderr=True).print
     try:
+        overrides = merge_overrides(parse_settings(settings), named)
         cfg = load_config(config, overrides=overrides)
         sc = cfg.service
         if sc.workers == 1:

@@ -5,16 +5,19 @@ from __future__ import annotations
 from kvforge.blocks import BlockHasher
 from kvforge.index.base import BlockIndex
 from kvforge.index.memory import MemoryIndex
+from kvforge.index.spans import SpanBudget
 from kvforge.store.url import parse_backend_url
 
 
-def open_index(url: str | None, hasher: BlockHasher) -> BlockIndex:
+def open_index(
+    url: str | None, hasher: BlockHasher, span_budget: SpanBudget | None = None
+) -> BlockIndex:
     """``None`` or ``memory://``: the in-process index. ``redis://…`` / ``rediss://…`` /
     ``unix://…``: the shared Redis index (options ``prefix``, ``ttl`` seconds, ``feed_cap``,
     ``socket_timeout``, ``follow`` as query parameters)."""
     parsed = parse_backend_url(url)
     if not parsed.shared:
-        return MemoryIndex(hasher.block_size)
+        return MemoryIndex(hasher.block_size, span_budget)
     from kvforge.index.redis import RedisIndex
 
-    return RedisIndex(parsed.client_url, hasher, **parsed.options)  # type: ignore[arg-type]
+    return RedisIndex(parsed.client_url, hasher, span_budget=span_budget, **parsed.options)  # type: ignore[arg-type]

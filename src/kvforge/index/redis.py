@@ -62,6 +62,7 @@ from kvforge.index.record import (
     record_of,
     record_sequence,
 )
+from kvforge.index.spans import SpanBudget
 from kvforge.store.health import BackendHealth
 from kvforge.store.redis import REDIS_DOWN, BackendUnavailableError, RedisStore
 
@@ -200,6 +201,7 @@ class RedisIndex(BlockIndex):
         store: RedisStore | None = None,
         socket_timeout: float = 0.5,
         follow: bool = True,
+        span_budget: SpanBudget | None = None,
     ) -> None:
         if ttl is not None and ttl <= 0:
             raise KvforgeError("ttl must be positive (or None for no expiry)")
@@ -208,7 +210,7 @@ class RedisIndex(BlockIndex):
         self.block_size = hasher.block_size
         self.ttl_ms = int(ttl * 1000) if ttl else 0
         self.feed_cap = feed_cap
-        self.replica = MemoryIndex(hasher.block_size)
+        self.replica = MemoryIndex(hasher.block_size, span_budget)
         self._cursors: dict[str, _Cursor] = {}
         r = self.store.client
         self._write = r.register_script(_WRITE)

@@ -26,6 +26,7 @@ from kvforge.index import BlockIndex, LookupOptions, OwnerInfo, open_index
 from kvforge.index.anchors import MAX_NEAR_RADIUS
 from kvforge.index.base import OwnerRecord
 from kvforge.index.record import record_sequence
+from kvforge.index.spans import SpanBudget
 from kvforge.match.explain import (
     best_owner,
     block_matches,
@@ -117,6 +118,7 @@ class SyncMatcher:
         near_radius: int = 2,
         find_spans: bool = True,
         recompute_ratio: float = 0.15,
+        span_budget: SpanBudget | None = None,
     ):
         if not isinstance(near_radius, int) or not 0 <= near_radius <= MAX_NEAR_RADIUS:
             raise InvalidInputError(f"near_radius must be an integer in [0, {MAX_NEAR_RADIUS}]")
@@ -129,7 +131,9 @@ class SyncMatcher:
         self.tokenizer = PromptTokenizer.resolve(tokenizer)
         # an index URL (``memory://``, ``redis://host/0?prefix=kvf&ttl=3600``) or an instance
         self.index: BlockIndex = (
-            open_index(index, self.hasher) if index is None or isinstance(index, str) else index
+            open_index(index, self.hasher, span_budget)
+            if index is None or isinstance(index, str)
+            else index
         )
         self.max_prompt_chars = max_prompt_chars
         self.max_prompt_tokens = max_prompt_tokens

@@ -129,8 +129,12 @@ class SharedResidency(ResidencyIndex):
         buffer: int = 10_000,
         store: RedisStore | None = None,
         socket_timeout: float = 0.5,
+        max_blocks_per_engine: int = 4_000_000,
+        max_media: int = 8,
     ) -> None:
-        super().__init__(tier_weights)
+        super().__init__(
+            tier_weights, max_blocks_per_engine=max_blocks_per_engine, max_media=max_media
+        )
         self.redis = store or RedisStore(url, prefix=prefix, socket_timeout=socket_timeout)
         k = self.redis.key
         self._feed, self._snap, self._snaplock = (
@@ -394,15 +398,25 @@ class _NothingHeld(PrefixWalk):
         return {n: PrefixScore(0, 0.0) for n in self._bits}
 
 
-def open_residency(url: str | None, tier_weights: dict[str, float] | None = None) -> ResidencyIndex:
+def open_residency(
+    url: str | None,
+    tier_weights: dict[str, float] | None = None,
+    *,
+    max_blocks_per_engine: int = 4_000_000,
+    max_media: int = 8,
+) -> ResidencyIndex:
     """``None`` / ``memory://``: this process's own residency. ``redis://…``: shared by every
     replica on that Redis (the URL's ``prefix`` query parameter namespaces the keys)."""
     parsed = parse_backend_url(url)
     if not parsed.shared:
-        return ResidencyIndex(tier_weights)
+        return ResidencyIndex(
+            tier_weights, max_blocks_per_engine=max_blocks_per_engine, max_media=max_media
+        )
     return SharedResidency(
         parsed.client_url,
         prefix=str(parsed.options.get("prefix", "kvf")),
         tier_weights=tier_weights,
         socket_timeout=parsed.option("socket_timeout", 0.5),
+        max_blocks_per_engine=max_blocks_per_engine,
+        max_media=max_media,
     )

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
 from kvforge.config import Config, load_config
 from kvforge.errors import InvalidInputError
+from kvforge.index.spans import SpanBudget
 from kvforge.route import Router
 from kvforge.route.tenancy import TenantSalt
 from kvforge.serve.record import Recorder
+
+if TYPE_CHECKING:
+    from kvforge.match import SyncMatcher
 
 # how the command line passes its arguments to uvicorn's worker processes
 SERVE_ARGS_ENV = "KVFORGE_SERVE_ARGS"
@@ -36,15 +41,12 @@ def api_token(cfg: Config) -> str | None:
     return token
 
 
-def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
-    """Matcher, router (when engines are configured), snapshotter and the app. ``announce``
-    gets one line of news (e.g. how much a snapshot restored)."""
+def build_matcher(cfg: Config) -> SyncMatcher:
+    """The matcher of ``[matcher]`` over the index of ``[service].index_url``."""
     from kvforge.match import SyncMatcher
-    from kvforge.serve.app import create_app
 
-    mc, sc, rc = cfg.matcher, cfg.service, cfg.router
-    token = api_token(cfg)
-    matcher = SyncMatcher(
+    mc = cfg.matcher
+    return SyncMatcher(
         block_size=mc.block_size,
         hash_algo=mc.hash_algo,
         hash_seed=mc.hash_seed,
@@ -55,8 +57,21 @@ def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
         max_agents_per_tenant=mc.max_agents_per_tenant,
         max_tenants=mc.max_tenants,
         max_blocks=mc.max_blocks,
-        index=sc.index_url,
+        find_spans=mc.find_spans,
+        recompute_ratio=mc.recompute_ratio,
+        span_budget=span_budget(cfg),
+        index=cfg.service.index_url,
     )
+
+
+def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
+    """Matcher, router (when engines are configured), snapshotter and the app. ``announce``
+    gets one line of news (e.g. how much a snapshot restored)."""
+    from kvforge.serve.app import create_app
+
+    sc, rc = cfg.service, cfg.router
+    token = api_token(cfg)
+    matcher = build_matcher(cfg)
     router = build_router(cfg, matcher.tokenizer)
     snapshotter = None
     if sc.snapshot_path:
@@ -77,6 +92,12 @@ def build_app(cfg: Config, *, announce: Any = None) -> FastAPI:
         recorder=_recorder(cfg),
         scrape_interval=rc.scrape_interval,
     )
+
+
+def span_budget(cfg: Config) -> SpanBudget:
+    """``[matcher] span_*`` fields as the search's budget (field for field)."""
+    mc = cfg.matcher
+    return SpanBudget(**{f.name: getattr(mc, f"span_{f.name}") for f in fields(SpanBudget)})
 
 
 def _recorder(cfg: Config) -> Recorder | None:
@@ -102,7 +123,12 @@ def build_router(cfg: Config, tokenizer: Any) -> Router | None:
     return (
         Router(
             cfg.engines,
-            residency=open_residency(sc.index_url, tiers),
+            residency=open_residency(
+                sc.index_url,
+                tiers,
+                max_blocks_per_engine=rc.max_blocks_per_engine,
+                max_media=rc.max_media,
+            ),
             tokenizer=tokenizer,
             prefill_weight=1.0 if ttft else rc.prefill_weight,
             load_weight=1.0 if ttft else rc.load_weight,
