@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -61,8 +62,88 @@ class PrefixScore:
     score: float  # blocks weighted by the tier each is held in
 
 
-class ResidencyIndex:
-    """Thread-safe: event subscribers write, routers read."""
+class Residency(ABC):
+    """Which engine holds which block, as the routers read it. Two implementations:
+    :class:`ResidencyIndex` (this process's memory) and ``SharedResidency`` (the same index,
+    fed through one event feed in Redis, which wraps a ``ResidencyIndex``).
+
+    Writers are the KV-event subscribers (``apply``, ``clear_engine``) and tools and tests
+    (``store``, ``remove``); readers are routers (``refresh`` once per decision, then
+    ``walk`` / ``prefix_scores`` and ``tree_keys``). Every method is thread-safe.
+    """
+
+    tier_weights: dict[str, float]
+    secret: int  # keys the content hashes of the block tree (``block_keys``)
+    max_blocks_per_engine: int
+    max_media: int
+
+    # ---- writes: what the engines said -------------------------------------------------------
+    @abstractmethod
+    def apply(self, engine: str, batch: KVEventBatch) -> None:
+        """One decoded, validated batch of the engine's KV events."""
+
+    @abstractmethod
+    def clear_engine(self, engine: str) -> None:
+        """The engine holds nothing any more (restart, resync)."""
+
+    @abstractmethod
+    def store(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
+        """One stored copy of each hash (no token ids: the block tree does not grow)."""
+
+    @abstractmethod
+    def remove(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None: ...
+
+    # ---- engines and routing state ---------------------------------------------------------
+    @abstractmethod
+    def engine(self, name: str) -> EngineResidency: ...
+
+    @property
+    @abstractmethod
+    def engines(self) -> list[str]: ...
+
+    @abstractmethod
+    def set_group(self, engine: str, group: Any) -> None:
+        """Engines that hash alike share a group (the block tree keeps groups apart)."""
+
+    @abstractmethod
+    def speculate(self, engine: str, hashes: Sequence[int], ttl: float, now: float) -> None:
+        """Count ``hashes`` as held by ``engine`` until ``now + ttl`` (routing → event gap)."""
+
+    # ---- reads -----------------------------------------------------------------------------
+    @abstractmethod
+    def refresh(self) -> bool:
+        """Bring this view up to date before a read; False when it could not (the reads then
+        credit no engine with anything)."""
+
+    @abstractmethod
+    def walk(self, engines: Sequence[str], *, now: float | None = None) -> PrefixWalk:
+        """A resumable prefix walk over the listed engines (see ``PrefixWalk``)."""
+
+    def prefix_scores(
+        self, keys: Sequence[int], engines: Sequence[str], *, now: float | None = None
+    ) -> dict[str, PrefixScore]:
+        """Per engine, the leading ``keys`` it holds (any tier) and their tier-weighted score.
+        Stops at the first block no listed engine holds: O(matched blocks)."""
+        self.refresh()
+        walk = self.walk(engines, now=now)
+        walk.extend(keys)
+        return walk.result()
+
+    @abstractmethod
+    def tree_keys(
+        self, group: Any, block_size: int, root_extra: Any, content_keys: Iterable[int]
+    ) -> list[int]:
+        """Hashes of the leading blocks some engine of ``group`` stored, by content key."""
+
+    @abstractmethod
+    def health(self) -> BackendHealth: ...
+
+    @abstractmethod
+    def stats(self) -> dict[str, object]: ...
+
+
+class ResidencyIndex(Residency):
+    """In this process's memory. Thread-safe: event subscribers write, routers read."""
 
     def __init__(
         self,
@@ -110,6 +191,26 @@ class ResidencyIndex:
     @property
     def engines(self) -> list[str]:
         return list(self._engines)
+
+    def reset(self) -> None:
+        """Forget every engine's blocks, speculation and the block tree (a shared replica
+        reloading a snapshot); keeps the hash groups and the tree's secret."""
+        with self._lock:
+            self._engines.clear()
+            self._masks.clear()
+            self._tree.clear()
+            self._tree_key.clear()
+            self._spec_mask.clear()
+            self._spec_queue.clear()
+
+    def counts(self) -> dict[str, dict[str, list[tuple[int, int]]]]:
+        """Every engine's held copies: engine -> medium -> [(hash, refs), ...] (a consistent
+        cut, for snapshots)."""
+        with self._lock:
+            return {
+                n: {m: list(c.items()) for m, c in e.counts.items()}
+                for n, e in self._engines.items()
+            }
 
     def set_group(self, engine: str, group: Any) -> None:
         """Engines that hash alike (algorithm, seed, block size, LoRA registry) share a group;
@@ -366,16 +467,6 @@ class ResidencyIndex:
         """Bring this view up to date before a read (a no-op here: events apply directly; a
         shared residency catches up with the other replicas). False when it could not."""
         return True
-
-    def prefix_scores(
-        self, keys: Sequence[int], engines: Sequence[str], *, now: float | None = None
-    ) -> dict[str, PrefixScore]:
-        """Per engine, the leading ``keys`` it holds (any tier) and their tier-weighted score.
-        Stops at the first block no listed engine holds: O(matched blocks)."""
-        self.refresh()
-        walk = self.walk(engines, now=now)
-        walk.extend(keys)
-        return walk.result()
 
     def walk(self, engines: Sequence[str], *, now: float | None = None) -> PrefixWalk:
         """A resumable prefix walk: feed it a prompt's block keys chunk by chunk (so the

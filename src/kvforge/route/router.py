@@ -31,7 +31,7 @@ import xxhash
 
 from kvforge.blocks import BlockHasher, LoRA, block_extra_keys, validate_cache_salt
 from kvforge.errors import InvalidInputError
-from kvforge.route.residency import ResidencyIndex, block_keys
+from kvforge.route.residency import Residency, ResidencyIndex, block_keys
 from kvforge.tokenize import ChatOptions, Prompt, PromptTokenizer, TokenizedPrompt
 
 
@@ -196,7 +196,7 @@ class Router:
         self,
         engines: Sequence[EngineConfig],
         *,
-        residency: ResidencyIndex | None = None,
+        residency: Residency | None = None,
         tokenizer: str | Path | PromptTokenizer | None = None,
         prefill_weight: float = 1.0,
         load_weight: float = 0.1,
@@ -211,7 +211,7 @@ class Router:
         if len(set(names)) != len(names):
             raise InvalidInputError("engine names must be unique")
         self.engines = {e.name: e for e in engines}
-        self.residency = residency if residency is not None else ResidencyIndex()
+        self.residency: Residency = residency if residency is not None else ResidencyIndex()
         self._groups: dict[str, Any] = {}
         for e in engines:
             # engines that hash alike share a branch of the residency's block tree

@@ -41,7 +41,13 @@ import msgspec
 import xxhash
 
 from kvforge.events.schema import KVEventBatch, encode_batch, parse_batch
-from kvforge.route.residency import PrefixScore, PrefixWalk, ResidencyIndex
+from kvforge.route.residency import (
+    EngineResidency,
+    PrefixScore,
+    PrefixWalk,
+    Residency,
+    ResidencyIndex,
+)
 from kvforge.store.health import BackendHealth
 from kvforge.store.redis import BackendUnavailableError, RedisStore
 from kvforge.store.url import parse_backend_url
@@ -115,8 +121,10 @@ def _id_tuple(feed_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class SharedResidency(ResidencyIndex):
-    """A ``ResidencyIndex`` whose events go through Redis (see the module docstring)."""
+class SharedResidency(Residency):
+    """A ``ResidencyIndex`` (``local``) whose events go through Redis (see the module
+    docstring): writes become feed entries, reads catch up with the feed and then read the
+    local index. ``apply`` here means what it means everywhere: the engine sent this batch."""
 
     def __init__(
         self,
@@ -132,9 +140,12 @@ class SharedResidency(ResidencyIndex):
         max_blocks_per_engine: int = 4_000_000,
         max_media: int = 8,
     ) -> None:
-        super().__init__(
+        self.local = ResidencyIndex(
             tier_weights, max_blocks_per_engine=max_blocks_per_engine, max_media=max_media
         )
+        # the replica's own settings (the same objects: fixed once built)
+        self.tier_weights, self.secret = self.local.tier_weights, self.local.secret
+        self.max_blocks_per_engine, self.max_media = max_blocks_per_engine, max_media
         self.redis = store or RedisStore(url, prefix=prefix, socket_timeout=socket_timeout)
         k = self.redis.key
         self._feed, self._snap, self._snaplock = (
@@ -172,6 +183,21 @@ class SharedResidency(ResidencyIndex):
 
     def remove(self, engine: str, hashes: Sequence[int], medium: str = "GPU") -> None:
         self._append(engine, "r", msgspec.msgpack.encode((medium, list(hashes))))
+
+    # ---- what the local index answers --------------------------------------------------------
+    def engine(self, name: str) -> EngineResidency:
+        return self.local.engine(name)
+
+    @property
+    def engines(self) -> list[str]:
+        return self.local.engines
+
+    def set_group(self, engine: str, group: Any) -> None:
+        self.local.set_group(engine, group)
+
+    def speculate(self, engine: str, hashes: Sequence[int], ttl: float, now: float) -> None:
+        # a routing guess stays with the replica that made it (never in the feed)
+        self.local.speculate(engine, hashes, ttl, now)
 
     def _last_key(self, engine: str) -> str:
         return self.redis.key("res", "last", engine)
@@ -287,13 +313,14 @@ class SharedResidency(ResidencyIndex):
     def _replay(self, fields: dict[bytes, bytes]) -> None:
         engine, kind, payload = fields[b"e"].decode(), fields[b"k"], fields[b"p"]
         try:
+            local = self.local
             if kind == b"b":
-                super().apply(engine, parse_batch(payload))
+                local.apply(engine, parse_batch(payload))
             elif kind == b"c":
-                super().clear_engine(engine)
+                local.clear_engine(engine)
             elif kind in (b"s", b"r"):
                 medium, hashes = msgspec.msgpack.decode(payload)
-                (super().store if kind == b"s" else super().remove)(engine, hashes, medium)
+                (local.store if kind == b"s" else local.remove)(engine, hashes, medium)
         except Exception:  # one bad entry must not stop the replica from following the feed
             log.exception("skipping a residency feed entry for engine %r", engine)
 
@@ -301,17 +328,11 @@ class SharedResidency(ResidencyIndex):
         raw = self.redis.call(self.redis.bulk.hmget, self._snap, "id", "data")
         snap_id, data = raw
         snap = msgspec.msgpack.decode(data, type=_Snapshot)
-        with self._lock:
-            self._engines.clear()
-            self._masks.clear()
-            self._tree.clear()
-            self._tree_key.clear()
-            self._spec_mask.clear()
-            self._spec_queue.clear()
+        self.local.reset()
         for engine, media in snap.engines.items():
             for medium, pairs in media.items():
                 hashes = [h for h, refs in pairs for _ in range(refs)]
-                super().store(engine, hashes, medium)
+                self.local.store(engine, hashes, medium)
         self._last_id = snap_id.decode()
         self._since_snapshot = 0
         log.info("residency restored from the snapshot at %s", self._last_id)
@@ -323,14 +344,9 @@ class SharedResidency(ResidencyIndex):
             if not self.redis.call(r.set, self._snaplock, self.holder, nx=True, px=30_000):
                 self._since_snapshot = 0  # another replica is on it
                 return
-            with self._lock:
+            with self._sync_lock:  # the counts exactly at ``at``: no entry applied in between
                 at = self._last_id
-                snap = _Snapshot(
-                    {
-                        n: {m: list(c.items()) for m, c in e.counts.items()}
-                        for n, e in self._engines.items()
-                    }
-                )
+                snap = _Snapshot(self.local.counts())
             data = msgspec.msgpack.encode(snap)
 
             def run() -> Any:
@@ -360,19 +376,19 @@ class SharedResidency(ResidencyIndex):
     def walk(self, engines: Sequence[str], *, now: float | None = None) -> PrefixWalk:
         if self._degraded:
             # fail open: credit no engine with anything, so the router decides by load
-            return _NothingHeld(self, {n: 0 for n in engines})
-        return super().walk(engines, now=now)
+            return _NothingHeld(self.local, {n: 0 for n in engines})
+        return self.local.walk(engines, now=now)
 
     def tree_keys(
         self, group: Any, block_size: int, root_extra: Any, content_keys: Iterable[int]
     ) -> list[int]:
         if self._degraded:
             return []
-        return super().tree_keys(group, block_size, root_extra, content_keys)
+        return self.local.tree_keys(group, block_size, root_extra, content_keys)
 
     def stats(self) -> dict[str, object]:
         self.refresh()
-        return {**super().stats(), "backend": self.health().as_dict("degraded_walks")}
+        return {**self.local.stats(), "backend": self.health().as_dict("degraded_walks")}
 
     def _unsent(self) -> int:
         with self._ingest_lock:
@@ -404,7 +420,7 @@ def open_residency(
     *,
     max_blocks_per_engine: int = 4_000_000,
     max_media: int = 8,
-) -> ResidencyIndex:
+) -> Residency:
     """``None`` / ``memory://``: this process's own residency. ``redis://…``: shared by every
     replica on that Redis (the URL's ``prefix`` query parameter namespaces the keys)."""
     parsed = parse_backend_url(url)
