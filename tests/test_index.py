@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -192,3 +194,30 @@ def test_u64_table_behaves_like_a_dict(keys: list[int], data: st.DataObject) -> 
     assert len(t) == len(ref)
     got = t.get(arr)
     assert got.tolist() == [ref.get(k, -1) for k in keys]
+
+
+def test_the_interface_validates_and_drops_a_tenant(index_url: Callable[[], str]) -> None:
+    """``validate`` and ``drop_tenant`` are part of ``BlockIndex``: both backends answer them
+    (a Redis replica that follows the feed sees the drop too)."""
+    from kvforge.errors import HashCollisionError
+
+    url = index_url()
+    a, b = SyncMatcher(index=url), SyncMatcher(index=url)
+    prompt = list(range(1000, 1064))
+    for name in ("x", "y"):
+        a.index_prompt(name, prompt, tenant="t")
+    a.index_prompt("z", prompt, tenant="other")
+    seq = a.blocks(a.tokenize(prompt))
+    a.index.validate("t", seq)  # a prompt already held: nothing to refuse
+    forged = a.blocks(a.tokenize(list(range(2000, 2064))))
+    forged.chain_keys[1] = seq.chain_keys[1]  # another prefix under a stored chain key
+    with pytest.raises(HashCollisionError):
+        a.index.validate("t", forged)
+    shared = url.startswith("redis")
+    if shared:
+        assert b.agents(tenant="t") == ["x", "y"]
+    a.index.drop_tenant("t")
+    assert a.agents(tenant="t") == [] and b.agents(tenant="t") == []
+    assert a.agents(tenant="other") == ["z"]
+    assert b.agents(tenant="other") == (["z"] if shared else [])
+    assert a.find_reusable_blocks(prompt, tenant="t").exact_blocks == 0

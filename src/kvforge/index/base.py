@@ -149,6 +149,15 @@ class BlockIndex(ABC):
         (0 when unknown). O(owner's blocks)."""
 
     @abstractmethod
+    def validate(self, tenant: str, seq: BlockSequence) -> None:
+        """Raise what ``put`` would raise for ``seq`` (``HashCollisionError``), changing
+        nothing."""
+
+    @abstractmethod
+    def drop_tenant(self, tenant: str) -> None:
+        """Forget everything the tenant indexed (every owner; the tenant is then unknown)."""
+
+    @abstractmethod
     def lookup(
         self, tenant: str, seq: BlockSequence, options: LookupOptions = PREFIX_ONLY
     ) -> LookupResult:

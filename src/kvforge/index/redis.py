@@ -458,6 +458,17 @@ class RedisIndex(BlockIndex):
         return self.replica.owner_info(tenant, owner)
 
     @_locked
+    def validate(self, tenant: str, seq: BlockSequence) -> None:
+        self.replica.validate(tenant, seq)  # the replica as of the last sync, like ``put``
+
+    def drop_tenant(self, tenant: str) -> None:
+        # owner by owner through the feed: every replica follows, as for any removal
+        for owner in self.owners(tenant):
+            self.remove(tenant, owner)
+        with self._lock_of(tenant):
+            self.replica.drop_tenant(tenant)
+
+    @_locked
     def owners(self, tenant: str) -> list[str]:
         self.sync(tenant)  # raises BackendUnavailableError: the caller says "degraded"
         return self.replica.owners(tenant)
