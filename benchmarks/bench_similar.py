@@ -183,7 +183,7 @@ def bench_latency(sizes: list[int], reps: int) -> list[str]:
         total = tracemalloc.get_traced_memory()[0] - base
         tracemalloc.stop()
         t = m.index._tenants["default"]
-        stored = t.c_tokens[: t.c_ids.high]
+        stored = t.contents.tokens[: t.contents.ids.high]
         # query: 128 edited copies of indexed blocks (1-2 substitutions), the rest new tokens
         src = stored[rng.integers(0, stored.shape[0], 128)].astype(np.int64)
         src[np.arange(128), rng.integers(0, 16, 128)] = rng.integers(0, VOCAB, 128)
@@ -269,7 +269,7 @@ def bench_near_real_text(tk: PromptTokenizer, agents_list: list[int], reps: int)
         for a in range(agents):
             m.index_prompt(f"a{a}", _text(indexed, tk, 8192, a))
         t = m.index._tenants["default"]
-        stored = t.c_tokens[: t.c_ids.high]
+        stored = t.contents.tokens[: t.contents.ids.high]
         q = np.asarray(m.tokenize(_text(queries, tk, 8192, 10**6)).token_ids[: 8192 - 1024])
         rng = np.random.default_rng(agents)
         src = stored[rng.integers(0, stored.shape[0], 64)].astype(np.int64)

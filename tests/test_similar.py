@@ -112,7 +112,7 @@ def test_span_postings_leave_with_their_blocks() -> None:
     for i in range(20):
         m.index_prompt(f"a{i}", system[: 30 * i] + rng.integers(0, 1000, 300).tolist())
     t = m.index._tenants["default"]
-    assert len(t.postings) > 0
+    assert len(t.anchors.postings) > 0
     for i in range(20):
         m.clear_agent(f"a{i}")
     assert "default" not in m.index._tenants  # the tenant and all its postings are gone
@@ -123,11 +123,13 @@ def test_span_postings_leave_with_their_blocks() -> None:
     only_b.index_prompt("b", system)
 
     def by_depth(t) -> dict[int, set[tuple[int, int]]]:  # block ids differ: compare depths
-        vals = {h: v if isinstance(v, set) else {v} for h, v in t.postings.post.items()}
-        return {h: {(int(t.b_depth[p >> 32]), p & 0xFFFFFFFF) for p in v} for h, v in vals.items()}
+        vals = {h: v if isinstance(v, set) else {v} for h, v in t.anchors.postings.post.items()}
+        return {
+            h: {(int(t.blocks.depth[p >> 32]), p & 0xFFFFFFFF) for p in v} for h, v in vals.items()
+        }
 
     mine, ref = m.index._tenants["default"], only_b.index._tenants["default"]
-    assert by_depth(mine) == by_depth(ref) and not mine.postings.omitted
+    assert by_depth(mine) == by_depth(ref) and not mine.anchors.postings.omitted
 
 
 def test_spans_on_real_text_and_cacheblend_budget(index_url) -> None:

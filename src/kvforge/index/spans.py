@@ -33,7 +33,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from kvforge.index.anchors import (
     winnow,
 )
 from kvforge.index.base import SharedSpan, is_excluded
+
+if TYPE_CHECKING:  # stores.py imports this module
+    from kvforge.index.stores import ChainBlocks, ContentStore, OwnerTable, SpanAnchors
 
 # tokens before a window's last token that the window covers
 WINDOW_CONTEXT = ANCHOR_K + ANCHOR_W - 2
@@ -180,15 +183,10 @@ class BlockTree(Protocol):
     """What the search reads of a tenant's exact index (see ``memory._Tenant``)."""
 
     bs: int
-    b_parent: np.ndarray
-    b_depth: np.ndarray
-    b_content: np.ndarray
-    b_owner: np.ndarray
-    b_nown: np.ndarray
-    c_tokens: np.ndarray
-    owner_blocks: dict[int, np.ndarray]
-    owner_name: dict[int, str]
-    postings: AnchorPostings
+    blocks: ChainBlocks
+    contents: ContentStore
+    owners: OwnerTable
+    anchors: SpanAnchors
 
     def owners_of(self, b: int) -> Any: ...
 
@@ -239,7 +237,7 @@ class SpanSearch:
         if pos.size == 0:
             z = np.zeros(0, dtype=np.int64)
             return z, z, z
-        postings = self.t.postings
+        postings = self.t.anchors.postings
         omitted = postings.omitted
         uniq, inv, occ = np.unique(hashes, return_inverse=True, return_counts=True)
         # Postings as one flat array with (offset, length) per distinct query anchor: most
@@ -316,8 +314,8 @@ class SpanSearch:
         for _ in range(2 + WINDOW_CONTEXT // bs):
             if todo.size == 0:
                 break
-            dep = t.b_depth[x].astype(np.int64)
-            par = t.b_parent[x].astype(np.int64)
+            dep = t.blocks.depth[x].astype(np.int64)
+            par = t.blocks.parent[x].astype(np.int64)
             if deep:
                 on = (dep < deep) & (chain[np.minimum(dep, deep - 1)] == x)
                 above = chain[np.clip(dep - 1, 0, deep - 1)]
@@ -330,7 +328,7 @@ class SpanSearch:
             agree[todo[on]] = (dep[on] + 1) * bs
             if par_on.any():
                 qt = qpad[dep[par_on, None] * bs + np.arange(bs)]
-                same = t.c_tokens[t.b_content[x[par_on]]] == qt
+                same = t.contents.tokens[t.blocks.content[x[par_on]]] == qt
                 lcp = np.where(same.all(axis=1), bs, np.argmin(same, axis=1))
                 agree[todo[par_on]] = dep[par_on] * bs + lcp
             # the path left the query's chain further up: continue with the parent
@@ -344,7 +342,9 @@ class SpanSearch:
         (an extension reads what it compares, never a whole 8k-token prompt)."""
         t, bs = self.t, self.t.bs
         first = lo // bs
-        rows: np.ndarray = t.c_tokens[t.b_content[t.owner_blocks[rep][first : (hi - 1) // bs + 1]]]
+        rows: np.ndarray = t.contents.tokens[
+            t.blocks.content[t.owners.blocks[rep][first : (hi - 1) // bs + 1]]
+        ]
         out: np.ndarray = rows.ravel()[lo - first * bs : hi - first * bs]
         return out
 
@@ -370,7 +370,7 @@ class SpanSearch:
     def _extend_right(self, rep: int, start: int, d: int) -> int:
         """End (exclusive, owner position) of the run of equal tokens from ``start``."""
         q = self.q
-        ceil = min(self.t.owner_blocks[rep].size * self.t.bs, q.size - d)
+        ceil = min(self.t.owners.blocks[rep].size * self.t.bs, q.size - d)
         lo, step = start, 64
         while lo < ceil:
             hi = min(ceil, lo + step)
@@ -384,7 +384,7 @@ class SpanSearch:
     def _emit(self, oid: int, left: int, right: int, d: int) -> None:
         if right - left < GUARANTEED_SPAN or (d == 0 and left == 0):
             return
-        name = self.t.owner_name[oid]
+        name = self.t.owners.name[oid]
         if is_excluded(name, self.exclude):
             return
         n = self._per_owner.get(oid, 0)
@@ -396,7 +396,7 @@ class SpanSearch:
         self._per_owner[oid] = n + 1
         if n + 1 == self.budget.max_spans_per_owner:
             self._full += 1
-            if self._full == len(self.t.owner_blocks):  # nobody can get another span
+            if self._full == len(self.t.owners.blocks):  # nobody can get another span
                 raise _Stop
         self.out.append(SharedSpan(name, left + d, left, right - left))
 
@@ -411,7 +411,7 @@ class SpanSearch:
         ``rep``'s block at depth ``first``; owners that leave the path before ``right`` are
         followed into their own branch."""
         t, bs = self.t, self.t.bs
-        path = t.owner_blocks[rep]
+        path = t.owners.blocks[rep]
         last = (right - 1) // bs
         q_end = self.q.size - d  # owner position where the query ends on this diagonal
         self._cover(rep, first, max(first, last), left, right, d)
@@ -419,7 +419,7 @@ class SpanSearch:
             self._emit_all(int(path[first]), left, right, d)
             return
         # owners leave the path only where its owner count drops (sets shrink along a chain)
-        nown = t.b_nown[path[first : last + 2]]
+        nown = t.blocks.owners.count[path[first : last + 2]]
         drops = (np.flatnonzero(nown[:-1] != nown[1:]) + first).tolist()
         if not drops or drops[-1] != last:
             drops.append(last)
@@ -451,13 +451,13 @@ class SpanSearch:
         if self._runs_left < 0:
             raise _Stop
         t = self.t
-        rep = int(t.b_owner[child])
+        rep = int(t.blocks.owners.first[child])
         # most branches mismatch inside their first block (an owner's own text after a shared
         # prompt): compare that block alone before materializing the owner's tokens
         qs = start + d
         avail = min(t.bs, self.q.size - qs)
         self._spend(avail)
-        eq = t.c_tokens[t.b_content[child], :avail] == self.q[qs : qs + avail]
+        eq = t.contents.tokens[t.blocks.content[child], :avail] == self.q[qs : qs + avail]
         if not eq.all():
             right = start + int(np.argmin(eq))
         else:
@@ -466,7 +466,7 @@ class SpanSearch:
 
     def _cover(self, rep: int, first: int, last: int, left: int, right: int, d: int) -> None:
         if last - first < 16:
-            path = self.t.owner_blocks[rep]
+            path = self.t.owners.blocks[rep]
             for x in range(first, last + 1):
                 self._marked.setdefault((int(path[x]), d), []).append((left, right))
         else:
@@ -479,27 +479,27 @@ class SpanSearch:
         t = self.t
         end = op + ANCHOR_K
         target = (end - 1) // t.bs
-        while t.b_depth[b] > target:
-            b = int(t.b_parent[b])
+        while t.blocks.depth[b] > target:
+            b = int(t.blocks.parent[b])
         for lo, hi in self._marked.get((b, d), ()):
             if lo <= op and end <= hi:
                 return True
         segs = self._covered.get(d)
         if not segs:
             return False
-        depth = int(t.b_depth[b])
+        depth = int(t.blocks.depth[b])
         for rep, first, last, lo, hi in segs:
             if (
                 first <= depth <= last
                 and lo <= op
                 and end <= hi
-                and t.owner_blocks[rep][depth] == b
+                and t.owners.blocks[rep][depth] == b
             ):
                 return True
         return False
 
     def run(self) -> list[SharedSpan]:
-        if self.q.size < GUARANTEED_SPAN or not self.t.owner_blocks:
+        if self.q.size < GUARANTEED_SPAN or not self.t.owners.blocks:
             return []
         qpos, nodes, opos = self._candidates()
         diag = qpos - opos
@@ -522,12 +522,12 @@ class SpanSearch:
             ):
                 if self._is_covered(b, op, d):
                     continue
-                rep = int(t.b_owner[b])
+                rep = int(t.blocks.owners.first[b])
                 self._spend(ANCHOR_K)
                 if not (self.q[p : p + ANCHOR_K] == self._tokens(rep, op, op + ANCHOR_K)).all():
                     continue  # a k-gram hash collision
                 left = self._extend_left(rep, op, d)
-                key = (int(t.owner_blocks[rep][left // bs]), left, d)
+                key = (int(t.owners.blocks[rep][left // bs]), left, d)
                 if key in self._seen:
                     continue
                 self._seen.add(key)
