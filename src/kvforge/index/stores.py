@@ -63,7 +63,8 @@ def mm_add(d: dict[int, int | set[int]], key: int, val: int) -> None:
     if cur is None:
         d[key] = val
     elif isinstance(cur, int):
-        d[key] = {cur, val}
+        if cur != val:
+            d[key] = {cur, val}
     else:
         cur.add(val)
 
