@@ -20,4 +20,14 @@ def open_index(
         return MemoryIndex(hasher.block_size, span_budget)
     from kvforge.index.redis import RedisIndex
 
-    return RedisIndex(parsed.client_url, hasher, span_budget=span_budget, **parsed.options)  # type: ignore[arg-type]
+    o = parsed.options
+    return RedisIndex(
+        parsed.client_url,
+        hasher,
+        prefix=str(o.get("prefix", "kvf")),
+        ttl=parsed.option("ttl", 0.0) if "ttl" in o else None,
+        feed_cap=int(parsed.option("feed_cap", 100_000)),
+        socket_timeout=parsed.option("socket_timeout", 0.5),
+        follow=o.get("follow", True) is not False,
+        span_budget=span_budget,
+    )

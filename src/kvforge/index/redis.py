@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import msgspec
 import numpy as np
@@ -67,7 +67,8 @@ from kvforge.store.health import BackendHealth
 from kvforge.store.redis import REDIS_DOWN, BackendUnavailableError, RedisStore
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # KEYS: meta, owners, feed, seen. ARGV: owner, record ('' removes), feed cap, ttl ms.
@@ -163,16 +164,18 @@ class _TenantLocks:
         return lock
 
 
-def _locked(fn: F) -> F:
+def _locked(
+    fn: Callable[Concatenate[RedisIndex, str, P], R],
+) -> Callable[Concatenate[RedisIndex, str, P], R]:
     """Run under the tenant's lock (the method's first argument): the follower thread applies
     other processes' changes to the same replica concurrently."""
 
     @functools.wraps(fn)
-    def wrapper(self: RedisIndex, tenant: str, *args: Any, **kw: Any) -> Any:
+    def wrapper(self: RedisIndex, tenant: str, /, *args: P.args, **kw: P.kwargs) -> R:
         with self._lock_of(tenant):
             return fn(self, tenant, *args, **kw)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 @dataclass

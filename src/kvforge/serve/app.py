@@ -126,6 +126,11 @@ class RouteBody(PromptBody):
     lora: str | None = None  # the adapter name; engines map it to their own path
 
 
+def _count(value: object) -> float:
+    """A counter from a stats dict (values typed ``object``): 0 when absent."""
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -217,12 +222,12 @@ class _EventsCollector(Collector):
             over = CounterMetricFamily(
                 "kvforge_residency_overflows", "Engines dropped for announcing over their pool"
             )
-            over.add_metric([], float(r.get("overflows", 0)))  # type: ignore[arg-type]
+            over.add_metric([], _count(r.get("overflows")))
             media = CounterMetricFamily(
                 "kvforge_residency_ignored_media_events",
                 "Events of a medium beyond the tier cap (ignored)",
             )
-            media.add_metric([], float(r.get("ignored_media_events", 0)))  # type: ignore[arg-type]
+            media.add_metric([], _count(r.get("ignored_media_events")))
             probes = CounterMetricFamily(
                 "kvforge_router_stale_probes", "Requests let through to a stale engine"
             )

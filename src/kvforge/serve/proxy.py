@@ -231,7 +231,9 @@ def add_proxy(
     async def send(path: str, body: dict[str, Any], d: RouteDecision) -> httpx.Response | str:
         """The engine's response once it has started (a 5xx before any byte is a failure);
         or why it failed."""
-        url = engines[d.engine].url.rstrip("/") + path  # type: ignore[union-attr]
+        base = engines[d.engine].url
+        assert base is not None  # the proxy routes among engines that have a URL only
+        url = base.rstrip("/") + path
         try:
             upstream = await client.send(client.build_request("POST", url, json=body), stream=True)
         except httpx.TimeoutException:

@@ -21,7 +21,7 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -238,10 +238,12 @@ class PromptTokenizer:
                 return TokenizedPrompt((), "tokens")
             first = prompt[0]
             if isinstance(first, Mapping):
-                msgs: Sequence[Mapping[str, Any]] = prompt  # type: ignore[assignment]
+                # the first element tells the kind; encode_chat checks every message
+                msgs = cast(Sequence[Mapping[str, Any]], prompt)
                 return self.encode_chat(msgs, tools=tools, scope=scope, chat=chat)
             if isinstance(first, int | np.integer) and not isinstance(first, bool):
-                return self.encode_ids(prompt)  # type: ignore[arg-type]
+                # the first element tells the kind; encode_ids checks every id
+                return self.encode_ids(cast(Sequence[int], prompt))
         raise InvalidInputError(
             "prompt must be text, a list of chat messages (dicts) or a list of token ids, "
             f"got {type(prompt).__name__}"
