@@ -399,6 +399,7 @@ class _Tenant:
             # is >= end, i.e. a prefix of ``order``.
             start = 0
             last_m = -1
+            by_depth = tuple(order)  # a tuple's slice is one copy (a list's, then tuple(): two)
             for i in cps:
                 end = i + 1
                 m = bisect_right(neg_depths, -end)
@@ -407,7 +408,7 @@ class _Tenant:
                     if m == last_m and runs and runs[-1][1] == start:
                         runs[-1] = (runs[-1][0], end, runs[-1][2])
                     else:
-                        runs.append((start, end, tuple(order[:m])))
+                        runs.append((start, end, by_depth[:m]))
                     last_m = m
                 else:
                     last_m = -1
