@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import zmq
 
 from kvforge.blocks import BlockHasher, chain_keys
@@ -236,3 +237,38 @@ def test_time_to_first_token_follows_the_queue() -> None:
     assert got["ttft"]["ttft_mean_s"] <= got["prefix"]["ttft_mean_s"] * 1.05
     for doc in got.values():
         assert {"ttft_p50_s", "ttft_p99_s", "ttft_mean_s", "queue_wait_p99_s"} <= set(doc)
+
+
+def test_prefill_time_is_per_block_of_the_given_size(tmp_path) -> None:
+    """--prefill-ms-per-block prices a block of --block-size tokens: at the same price, blocks
+    twice as large make a cold prompt's prefill half as long."""
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"agent_id": "a", "token_ids": list(range(1000, 1640)), "t": 0}))
+
+    def ttft(block_size: int) -> float:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kvforge.cli.main",
+                "simulate",
+                str(path),
+                "--engines",
+                "1",
+                "--policy",
+                "prefix",
+                "--block-size",
+                str(block_size),
+                "--prefill-ms-per-block",
+                "1.0",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        return float(json.loads(out.stdout)["policies"]["prefix"]["ttft_p50_s"])
+
+    t16, t32 = ttft(16), ttft(32)
+    assert t16 == pytest.approx(0.040, rel=0.05)  # 640 uncached tokens = 40 blocks of 1 ms
+    assert t32 == pytest.approx(t16 / 2, rel=0.05)

@@ -460,7 +460,7 @@ def simulate_cmd(
         typer.Option(
             "--prefill-ms-per-block",
             min=0.0,
-            help="Prefill time of an uncached 16-token block (0.5: 8B on an H200).",
+            help="Prefill time of an uncached block (0.5 ms for 16 tokens: 8B on an H200).",
         ),
     ] = 0.5,
     block_size: BlockSizeOpt = 16,
@@ -490,7 +490,7 @@ def simulate_cmd(
             hash_algo=algo,
             hash_seed=hash_seed,
             rate=rate,
-            prefill_s_per_token=prefill_ms_per_block / 1000 / 16,
+            prefill_s_per_token=prefill_ms_per_block / 1000 / block_size,
         )
         results = {p: simulate(reqs, p, cfg) for p in names}
     except KvforgeError as exc:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from kvforge.blocks.hashing import content_hashes
 from kvforge.blocks.sequence import BlockSequence
 from kvforge.index.anchors import NEAR_CHUNKS, near_chunk_keys
 from kvforge.index.base import OwnerInfo
@@ -324,8 +325,6 @@ class ContentStore:
 
     def delete(self, dead: np.ndarray) -> None:
         # content keys are a pure function of the tokens: no need to store them
-        from kvforge.blocks.hashing import content_hashes
-
         self.table.delete(content_hashes(self.tokens[dead]))
         self.ids.give(dead)
 

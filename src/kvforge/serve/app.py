@@ -45,7 +45,7 @@ from kvforge.persist import Snapshotter
 from kvforge.route import Router
 from kvforge.route.load import LoadScraper
 from kvforge.route.tenancy import TenantSalt
-from kvforge.serve.bodies import BodyError, MatchStruct, RouteStruct, decode
+from kvforge.serve.bodies import BodyError, MatchStruct, PromptOptions, RouteStruct, decode
 from kvforge.serve.proxy import Proxy, add_proxy
 from kvforge.serve.record import Recorder
 from kvforge.serve.responses import (
@@ -59,12 +59,11 @@ from kvforge.serve.responses import (
     StatsResponse,
 )
 from kvforge.store import BackendUnavailableError
-from kvforge.tokenize import ChatOptions
 
 TENANT_HEADER = "X-Tenant"
 
 
-class PromptBody(BaseModel):
+class PromptBody(BaseModel, PromptOptions):
     """Exactly one of ``prompt`` (text), ``messages`` (chat) or ``token_ids``. Unknown fields
     are refused (a typo such as ``cache_sal`` must not index unsalted), and token ids must be
     JSON integers (not ``1.0``, ``true`` or ``"1"``)."""
@@ -91,26 +90,6 @@ class PromptBody(BaseModel):
         if (self.lora_name is None) != (self.lora_path is None):
             raise ValueError("'lora_name' and 'lora_path' go together")
         return self
-
-    def value(self) -> Any:
-        return next(x for x in (self.prompt, self.messages, self.token_ids) if x is not None)
-
-    def lora_pair(self) -> tuple[str, str] | None:
-        return (self.lora_name, self.lora_path) if self.lora_name and self.lora_path else None
-
-    def chat(self) -> ChatOptions | None:
-        return ChatOptions.from_fields(
-            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs
-        )
-
-    def prompt_options(self) -> dict[str, Any]:
-        """The matcher's keyword arguments for this body's prompt (salt, LoRA, tools, chat)."""
-        return {
-            "cache_salt": self.cache_salt,
-            "lora": self.lora_pair(),
-            "tools": self.tools,
-            "chat": self.chat(),
-        }
 
 
 class IndexBody(PromptBody):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 
@@ -23,7 +23,47 @@ from kvforge.tokenize import ChatOptions
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
-class PromptStruct(msgspec.Struct, forbid_unknown_fields=True):
+class _PromptFields(Protocol):
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+    token_ids: list[int] | None
+    tools: list[dict[str, Any]] | None
+    cache_salt: str | None
+    lora_name: str | None
+    lora_path: str | None
+    add_generation_prompt: bool | None
+    continue_final_message: bool | None
+    chat_template_kwargs: dict[str, Any] | None
+
+
+class PromptOptions:
+    """What a checked prompt body gives the matcher: shared by the msgspec bodies here and
+    the pydantic models that document them (``app.PromptBody``)."""
+
+    __slots__ = ()
+
+    def value(self: _PromptFields) -> Any:
+        return next(x for x in (self.prompt, self.messages, self.token_ids) if x is not None)
+
+    def lora_pair(self: _PromptFields) -> tuple[str, str] | None:
+        return (self.lora_name, self.lora_path) if self.lora_name and self.lora_path else None
+
+    def chat(self: _PromptFields) -> ChatOptions | None:
+        return ChatOptions.from_fields(
+            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs
+        )
+
+    def prompt_options(self: _PromptFields) -> dict[str, Any]:
+        """The matcher's keyword arguments for this body's prompt (salt, LoRA, tools, chat)."""
+        return {
+            "cache_salt": self.cache_salt,
+            "lora": PromptOptions.lora_pair(self),
+            "tools": self.tools,
+            "chat": PromptOptions.chat(self),
+        }
+
+
+class PromptStruct(msgspec.Struct, PromptOptions, forbid_unknown_fields=True):
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     token_ids: list[int] | None = None
@@ -41,26 +81,6 @@ class PromptStruct(msgspec.Struct, forbid_unknown_fields=True):
             raise BodyError("body", "give exactly one of 'prompt', 'messages', 'token_ids'")
         if (self.lora_name is None) != (self.lora_path is None):
             raise BodyError("body", "'lora_name' and 'lora_path' go together")
-
-    def value(self) -> Any:
-        return next(x for x in (self.prompt, self.messages, self.token_ids) if x is not None)
-
-    def lora_pair(self) -> tuple[str, str] | None:
-        return (self.lora_name, self.lora_path) if self.lora_name and self.lora_path else None
-
-    def chat(self) -> ChatOptions | None:
-        return ChatOptions.from_fields(
-            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs
-        )
-
-    def prompt_options(self) -> dict[str, Any]:
-        """The matcher's keyword arguments for this body's prompt (salt, LoRA, tools, chat)."""
-        return {
-            "cache_salt": self.cache_salt,
-            "lora": self.lora_pair(),
-            "tools": self.tools,
-            "chat": self.chat(),
-        }
 
 
 class MatchStruct(PromptStruct, forbid_unknown_fields=True):
