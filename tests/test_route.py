@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvforge import InvalidInputError
@@ -202,18 +202,17 @@ def test_block_tree_from_golden_events_gives_the_engines_hashes_without_hashing(
     want = chain_keys(BlockHasher().chain(toks, cache_salt="tenant-42", lora=lora))
     seq = r._memos[cfg.hash_config()].keys(tuple(toks), "tenant-42", lora)
     group = r._group("pod-a")
-    tree = r.residency.tree_keys(group, 16, ["agent-lora", "tenant-42"], seq.content_keys)
+    tree = r.residency.tree_keys(group, 16, ["agent-lora", "tenant-42"], toks)
     assert tree == want.tolist()  # the tree returns vLLM's own hashes
     assert seq.num_hashed == 0  # and nothing was hashed to get them
     # request A's two prefill blocks (no salt, no LoRA); removing a block prunes the tree
     a = r.route_tokens(list(range(48)), engines=["pod-a"])
     assert a.cached_blocks == 3 - 1  # block 3 was evicted in batch 4 (BlockRemoved)
-    plain = r._memos[cfg.hash_config()].keys(tuple(range(48)), None, None)
-    held = r.residency.tree_keys(group, 16, None, plain.content_keys)
+    held = r.residency.tree_keys(group, 16, None, list(range(48)))
     assert held == chain_keys(BlockHasher().chain(range(32))).tolist()
     r.residency.apply("pod-a", KVEventBatch(0.0, [AllBlocksCleared()]))
     r.residency.refresh()  # a direct read (not through the router): catch up first
-    assert r.residency.tree_keys(group, 16, None, plain.content_keys) == []  # pruned
+    assert r.residency.tree_keys(group, 16, None, list(range(48))) == []  # nobody holds it
 
 
 def test_an_engine_whose_events_stop_goes_stale_and_recovers(new_residency) -> None:
@@ -322,3 +321,115 @@ def test_speculation_covers_the_prompt_and_yields_to_the_engines_events(new_resi
     r.residency.apply(e, KVEventBatch(0.0, [BlockStored(block_hashes=keys[:4], medium="GPU")]))
     r.residency.apply(e, KVEventBatch(0.0, [BlockRemoved(block_hashes=keys[2:4], medium="GPU")]))
     assert r.route_tokens(prompt, now=107.0, dispatch=False).cached_blocks == 2
+
+
+# ---- the block tree against a model --------------------------------------------------------
+
+_LETTERS = 2  # block contents: few, so prompts share prefixes and runs meet and part
+_first = st.sampled_from([0, 0, 1, 2, 3])  # where an event starts (mostly block 0)
+_tree_ops = st.lists(
+    st.one_of(
+        # (engine, prompt, first block, blocks): one BlockStored with token ids
+        st.tuples(
+            st.just("store"), st.integers(0, 2), st.integers(0, 5), _first, st.integers(1, 4)
+        ),
+        st.tuples(st.just("remove"), st.integers(0, 2), st.integers(0, 5), st.integers(0, 5)),
+        st.tuples(st.just("clear"), st.integers(0, 2)),
+    ),
+    min_size=8,
+    max_size=60,
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(  # a later chunk stored before the chunk that leads to it (found by this test)
+    prompts=[[0], [0], [0, 0, 0], [0], [0], [0, 0, 0, 0]],
+    ops=[("store", 0, 0, 0, 1), ("store", 0, 5, 2, 2), ("store", 0, 2, 0, 3)],
+    slack=65_536,
+)
+@given(
+    prompts=st.lists(
+        st.lists(st.integers(0, _LETTERS - 1), min_size=1, max_size=8), min_size=6, max_size=6
+    ),
+    ops=_tree_ops,
+    slack=st.sampled_from([0, 1, 65_536]),
+)
+def test_block_tree_returns_the_held_stored_prefix(prompts, ops, slack) -> None:
+    """The run tree (an event's blocks new to the tree as runs keyed by their first block;
+    sweeps drop runs nobody holds a block of) answers what a per-block tree would: block
+    ``i`` of a prompt is found iff every block up to it was stored with its token ids and
+    some engine holds it now — whatever the events' chunking and order (a later chunk before
+    an earlier one, another engine's copies), the removals, the clears and how often the tree
+    is swept."""
+    hasher = BlockHasher()
+    res = ResidencyIndex()
+    res.sweep_slack = slack
+    group = ("g",)
+    for e in range(3):
+        res.set_group(f"e{e}", group)
+    toks = [[t for c in p for t in [c * 7 + 1] * 16] for p in prompts]
+    chains = [chain_keys(hasher.chain(t)).tolist() for t in toks]
+    held: dict[int, Counter[int]] = {e: Counter() for e in range(3)}
+    stored: set[int] = set()
+    for op in ops:
+        if op[0] == "store":
+            _, e, p, first, n = op
+            hs = chains[p][first : first + n]
+            if not hs:
+                continue
+            ev = BlockStored(
+                block_hashes=hs,
+                parent_block_hash=chains[p][first - 1] if first else None,
+                token_ids=toks[p][first * 16 : (first + len(hs)) * 16],
+                block_size=16,
+                medium="GPU",
+            )
+            res.apply(f"e{e}", KVEventBatch(0.0, [ev]))
+            held[e].update(hs)
+            stored.update(hs)
+        elif op[0] == "remove":
+            _, e, p, i = op
+            if i >= len(chains[p]):
+                continue
+            h = chains[p][i]
+            res.apply(f"e{e}", KVEventBatch(0.0, [BlockRemoved(block_hashes=[h], medium="GPU")]))
+            if held[e][h]:
+                held[e][h] -= 1
+        else:
+            res.apply(f"e{op[1]}", KVEventBatch(0.0, [AllBlocksCleared()]))
+            held[op[1]].clear()
+            stored -= {h for h in stored if not any(held[e][h] for e in range(3))}
+        # a block nobody holds leaves the model's tree (a per-block tree prunes it)
+        stored -= {h for h in stored if not any(held[e][h] for e in range(3))}
+    for p, chain in enumerate(chains):
+        want = []
+        for h in chain:
+            if h not in stored:
+                break
+            want.append(h)
+        assert res.tree_keys(group, 16, None, toks[p]) == want
+
+
+def test_the_block_tree_follows_an_engine_that_hashes_differently_after_a_restart() -> None:
+    """Same tokens after the same root, another hash (a restarted engine with another
+    PYTHONHASHSEED): the newest run takes the node, and the older hashes are found again
+    when an engine stores them again."""
+    res = ResidencyIndex()
+    for e in ("e0", "e1"):
+        res.set_group(e, ("g",))
+    toks = list(range(64))
+    a = chain_keys(BlockHasher(hash_seed="1").chain(toks)).tolist()
+    b = chain_keys(BlockHasher(hash_seed="2").chain(toks)).tolist()
+    assert a != b
+
+    def store(engine: str, hashes: list[int]) -> None:
+        ev = BlockStored(block_hashes=hashes, token_ids=toks, block_size=16, medium="GPU")
+        res.apply(engine, KVEventBatch(0.0, [ev]))
+
+    store("e0", a)
+    assert res.tree_keys(("g",), 16, None, toks) == a
+    res.apply("e0", KVEventBatch(0.0, [AllBlocksCleared()]))  # restarted ...
+    store("e0", b)  # ... hashing with another seed
+    assert res.tree_keys(("g",), 16, None, toks) == b
+    store("e1", a)  # an engine with the first seed stores the prompt again
+    assert res.tree_keys(("g",), 16, None, toks) == a

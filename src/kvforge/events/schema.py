@@ -10,20 +10,24 @@ missing. Hashes arrive as u64 (default) or raw digest bytes; both normalise to t
 from __future__ import annotations
 
 from array import array
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from kvforge.errors import KvforgeError
 
 _U64 = (1 << 64) - 1
+_U32 = (1 << 32) - 1
 HashValue = int | bytes
+# Token ids are uint32 on the wire: the decoder checks the range in C as it builds each int
+# (a separate pass over the ids cost a tenth of ingestion).
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=_U32)]
 
 
 class BlockStored(msgspec.Struct, tag=True, omit_defaults=True):
     block_hashes: list[HashValue]
     parent_block_hash: HashValue | None = None
-    token_ids: list[int] = []
+    token_ids: list[TokenId] = []
     block_size: int = 16
     lora_id: int | None = None
     medium: str | None = None
@@ -35,7 +39,7 @@ class BlockStored(msgspec.Struct, tag=True, omit_defaults=True):
     locality: str | None = None
     ownership: str | None = None
     session_id: str | None = None
-    lookahead_token_ids: list[list[int]] | None = None
+    lookahead_token_ids: list[list[TokenId]] | None = None
 
 
 class BlockRemoved(msgspec.Struct, tag=True, omit_defaults=True):
@@ -63,7 +67,7 @@ class KVEventBatch(msgspec.Struct, array_like=True):
 class _PosBlockStored(msgspec.Struct, tag="BlockStored", array_like=True):
     block_hashes: list[HashValue]
     parent_block_hash: HashValue | None = None
-    token_ids: list[int] = []
+    token_ids: list[TokenId] = []
     block_size: int = 16
     lora_id: int | None = None
     medium: str | None = None
@@ -134,12 +138,14 @@ def decode_batch(payload: bytes) -> KVEventBatch:
     """Decode one payload (map-encoded events, or the positional form of older vLLM)."""
     try:
         return _decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        pass
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        first = exc
     try:
         old = _pos_decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise MalformedEventError(f"not a KV event batch: {exc}") from exc
+        raise MalformedEventError(
+            f"not a KV event batch: {first} (nor the positional form: {exc})"
+        ) from exc
     events: list[KVEvent] = []
     for ev in old.events:
         if isinstance(ev, _PosBlockStored):
@@ -194,7 +200,6 @@ MAX_HASHES_PER_BATCH = 262_144
 MAX_TOKENS_PER_EVENT = 4_194_304
 MAX_BLOCK_SIZE = 4_096
 MAX_NAME = 256  # medium, LoRA name and other strings
-_U32 = (1 << 32) - 1
 _SCALARS = (str, int, float, bytes, bool, type(None))
 
 
@@ -217,6 +222,12 @@ def _check_ids(ids: list[int], what: str) -> None:
 def validate_batch(batch: KVEventBatch) -> KVEventBatch:
     """Check a whole batch against what an engine can send; raises MalformedEventError before
     anything is applied, so a batch is applied whole or not at all."""
+    return _validate(batch, ids_checked=False)
+
+
+def _validate(batch: KVEventBatch, *, ids_checked: bool) -> KVEventBatch:
+    """``validate_batch``; ``ids_checked``: the decoder has already held every token id to
+    uint32 (``TokenId``), which a batch built in Python has not."""
     if len(batch.events) > MAX_EVENTS_PER_BATCH:
         raise MalformedEventError(f"batch of {len(batch.events):,} events")
     total = 0
@@ -233,9 +244,10 @@ def validate_batch(batch: KVEventBatch) -> KVEventBatch:
                 raise MalformedEventError(f"block_size {ev.block_size}")
             if len(ev.token_ids) > MAX_TOKENS_PER_EVENT:
                 raise MalformedEventError("too many token ids in one event")
-            _check_ids(ev.token_ids, "token_ids")
-            for ids in ev.lookahead_token_ids or ():
-                _check_ids(ids, "lookahead_token_ids")
+            if not ids_checked:
+                _check_ids(ev.token_ids, "token_ids")
+                for ids in ev.lookahead_token_ids or ():
+                    _check_ids(ids, "lookahead_token_ids")
             if ev.lora_name is not None and len(ev.lora_name) > MAX_NAME:
                 raise MalformedEventError("lora_name too long")
             if ev.extra_keys is not None and not _hashable(ev.extra_keys):
@@ -245,7 +257,7 @@ def validate_batch(batch: KVEventBatch) -> KVEventBatch:
 
 def parse_batch(payload: bytes) -> KVEventBatch:
     """Decode, normalise and validate one payload (what a subscriber applies)."""
-    return validate_batch(normalize_hashes(decode_batch(payload)))
+    return _validate(normalize_hashes(decode_batch(payload)), ids_checked=True)
 
 
 def _all_u64(hs: list[HashValue]) -> bool:

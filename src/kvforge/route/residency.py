@@ -18,9 +18,9 @@ from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import xor
-from typing import Any
+from itertools import compress, count, repeat, takewhile
+from operator import not_
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -131,9 +131,10 @@ class Residency(ABC):
 
     @abstractmethod
     def tree_keys(
-        self, group: Any, block_size: int, root_extra: Any, content_keys: Iterable[int]
+        self, group: Any, block_size: int, root_extra: Any, tokens: Sequence[int]
     ) -> list[int]:
-        """Hashes of the leading blocks some engine of ``group`` stored, by content key."""
+        """Hashes of the leading blocks of ``tokens`` some engine of ``group`` stored and
+        some engine still holds, found from the events' token ids (no sha256)."""
 
     @abstractmethod
     def health(self) -> BackendHealth: ...
@@ -170,11 +171,14 @@ class ResidencyIndex(Residency):
         self._spec_queue: deque[tuple[float, str, tuple[int, ...]]] = deque()
         self._lock = threading.Lock()
         self.blocks_applied = 0
-        # Block tree from the events' token ids: (parent hash ^ content key) -> hash. It lets a
-        # router find the hashes of a prompt's held prefix without sha256 (see ``tree_keys``).
+        # Block tree from the events' token ids, one run of blocks per BlockStored (see
+        # ``_grow_tree``). It lets a router find the hashes of a prompt's held prefix without
+        # sha256 (``tree_keys``).
         self.secret = int.from_bytes(os.urandom(8), "little")  # keys the content hashes
-        self._tree: dict[int, int] = {}  # node key (see ``_grow_tree``) -> hash
-        self._tree_key: dict[int, int] = {}  # hash -> its node key (for pruning)
+        self._runs: dict[int, _Run] = {}  # node key of a run's first block -> the run
+        self._where: dict[int, _Run] = {}  # hash -> the run that holds the block
+        self._kept = 0  # blocks left in the tree by the last sweep (``_sweep``)
+        self.sweep_slack = 65_536  # blocks allowed past twice the last sweep's before the next
         self._groups: dict[str, Any] = {}  # engine -> hash-configuration group
 
     # ---- engines ---------------------------------------------------------------------------
@@ -198,8 +202,9 @@ class ResidencyIndex(Residency):
         with self._lock:
             self._engines.clear()
             self._masks.clear()
-            self._tree.clear()
-            self._tree_key.clear()
+            self._runs.clear()
+            self._where.clear()
+            self._kept = 0
             self._spec_mask.clear()
             self._spec_queue.clear()
 
@@ -232,7 +237,12 @@ class ResidencyIndex(Residency):
                     if medium not in self._masks and len(self._masks) >= self.max_media:
                         self.ignored_media_events += 1
                         continue
-                    self._stored(e, medium, ev)
+                    # residency (replacing any speculative entry), then the tree
+                    hashes, was_held = self._store(e, medium, ev.block_hashes)
+                    if e.spec:
+                        self._drop_spec(e, hashes)
+                    if not was_held:  # a re-announcement: the tree has the runs already
+                        self._grow_tree(e, ev, hashes)
                 elif isinstance(ev, BlockRemoved):
                     self._remove(e, ev.medium or "GPU", ev.block_hashes)
                 elif isinstance(ev, AllBlocksCleared):
@@ -268,11 +278,11 @@ class ResidencyIndex(Residency):
 
     def _store(
         self, e: EngineResidency, medium: str, hashes: Sequence[int | bytes]
-    ) -> tuple[list[int], dict[int, int]]:
-        """Count one stored copy of each hash; returns the hashes in u64 form and the distinct
-        ones (as a dict, for the block tree). Distinct hashes — every event vLLM sends for one
-        request — take bulk dict operations in C; duplicate copies of held blocks (two requests
-        that computed the same block) just count up."""
+    ) -> tuple[list[int], bool]:
+        """Count one stored copy of each hash; returns the hashes in u64 form and whether the
+        engine already held every one of them in this medium (a re-announcement). Distinct
+        hashes — every event vLLM sends for one request — take bulk dict operations in C;
+        duplicate copies of held blocks (two requests that computed the same block) count up."""
         hs = hashes if type(hashes) is list and _all_u64(hashes) else [to_u64(h) for h in hashes]
         new = dict.fromkeys(hs, 1)
         counts = e.counts.setdefault(medium, {})
@@ -280,66 +290,120 @@ class ResidencyIndex(Residency):
         bit = e.bit
         self.blocks_applied += len(hs)
         if len(new) < len(hs):  # a hash repeated within the event: one copy at a time
+            was_held = counts.keys() >= new.keys()
             for h in hs:
                 c = counts.get(h, 0)
                 counts[h] = c + 1
                 if c == 0:
                     masks[h] = masks.get(h, 0) | bit
-            return hs, new
+            return hs, was_held
+        if masks.keys().isdisjoint(new):
+            # the common case: nobody holds any of them here (so neither does this engine)
+            counts.update(new)
+            masks.update(dict.fromkeys(hs, bit))
+            return hs, False
         add: Sequence[int] = hs
-        if not counts.keys().isdisjoint(new):
+        if counts.keys().isdisjoint(new):
+            counts.update(new)
+        else:
             held = counts.keys() & new
-            for h in held:
-                counts[h] += 1
+            # one more copy of each held block, in C (no Python loop per block)
+            counts.update(zip(held, map((1).__add__, map(counts.__getitem__, held)), strict=True))
+            if len(held) == len(hs):
+                return hs, True  # held blocks have their mask bit already
             add = [h for h in hs if h not in held]
             counts.update(dict.fromkeys(add, 1))
-        else:
-            counts.update(new)
-        shared = masks.keys() & add  # held by other engines already
-        if shared:
-            for h in shared:
-                masks[h] |= bit
-            masks.update((h, bit) for h in add if h not in shared)
-        else:
+        if masks.keys().isdisjoint(add):
             masks.update(dict.fromkeys(add, bit))
-        return hs, new
+        else:  # some held by other engines already
+            get = masks.get
+            masks.update(zip(add, [get(h, 0) | bit for h in add], strict=True))
+        return hs, False
 
-    def _stored(self, e: EngineResidency, medium: str, ev: BlockStored) -> None:
-        """One BlockStored: residency (replacing any speculative entry), then the tree."""
-        hashes, new = self._store(e, medium, ev.block_hashes)
-        if e.spec:
-            self._drop_spec(e, hashes)
-        self._grow_tree(e, ev, hashes, new)
+    def _grow_tree(self, e: EngineResidency, ev: BlockStored, hashes: list[int]) -> None:
+        """Add the event's blocks the tree does not have yet, as runs.
 
-    def _grow_tree(
-        self, e: EngineResidency, ev: BlockStored, hashes: list[int], new: dict[int, int]
-    ) -> None:
+        The tree is a radix tree of runs. A run is a stretch of consecutive blocks of one
+        event that were new to the tree — the event's hashes and token ids (uint32 bytes) and
+        the stretch's bounds — keyed by its first block's node key: the parent's hash XOR the
+        keyed content key of the block's tokens (both 64-bit; the content key is secret-keyed,
+        so no prompt can be crafted to collide with another's node). A walk (``tree_keys``)
+        keys only the first block of each run it enters and compares the rest of the run's
+        tokens as bytes, so an event costs one XXH3 and two bulk dict updates, whatever its
+        length (the per-block tree it replaced cost an XXH3 and two dict entries per block).
+
+        Invariants: every block is in at most one run (``_where``); a block's child in the
+        tree either follows it in its run or starts a run keyed at the block — so a walk that
+        leaves a run (its end, or a block the prompt does not share) finds the next run by one
+        lookup. Blocks stay in the tree after their engines drop them (a walk checks the
+        residency's masks, so they are found again only once stored again); ``_sweep``
+        reclaims the runs nobody holds a block of.
+        """
         n, bs = len(hashes), ev.block_size
         if n == 0 or bs <= 0 or len(ev.token_ids) != n * bs:
             return  # masked or hybrid groups carry no usable token ids
-        known = self._tree_key
-        fresh = known.keys().isdisjoint(new)
-        if not fresh and known.keys() >= new.keys():
-            return  # a re-announcement (report mode "full")
-        cks = block_keys(array("I", ev.token_ids), bs, self.secret)
         prev = ev.parent_block_hash
         if prev is None:
             first = ev.extra_keys[0] if ev.extra_keys else None
-            root = self._root(self._groups.get(e.name), bs, first)
+            parent = self._root(self._groups.get(e.name), bs, first)
         else:
-            root = prev if type(prev) is int else to_u64(prev)
-        tree = self._tree
-        # a node's key: parent hash XOR the keyed content key (both 64-bit; the content key is
-        # secret-keyed, so no prompt can be crafted to collide with another's node)
-        keys = list(map(xor, [root, *hashes[:-1]], cks))
-        if fresh and len(new) == n:  # all new and distinct: two bulk updates in C
-            tree.update(zip(keys, hashes, strict=True))
-            known.update(zip(hashes, keys, strict=True))
-            return
-        for key, h in zip(keys, hashes, strict=True):
-            if h not in known:
-                tree[key] = h
-                known[h] = key
+            parent = prev if type(prev) is int else to_u64(prev)
+        where, w = self._where, bs * 4
+        raw = b""
+        if where.keys().isdisjoint(hashes):  # the common case: all new, one run
+            raw = array("I", ev.token_ids).tobytes()
+            self._place(parent, _Run(hashes, raw, 0, n), w)
+        else:  # the new stretches between blocks the tree has (another engine's copies)
+            known = list(map(where.__contains__, hashes))
+            i = 0
+            while i < n:
+                i = next(compress(count(i), map(not_, known[i:])), n)  # next new block
+                if i == n:
+                    break
+                j = next(compress(count(i), known[i:]), n)  # the next known one after it
+                if not raw:
+                    raw = array("I", ev.token_ids).tobytes()
+                self._place(hashes[i - 1] if i else parent, _Run(hashes, raw, i, j), w)
+                i = j
+        if len(where) > 2 * self._kept + self.sweep_slack:
+            self._sweep()
+
+    def _place(self, parent: int, run: _Run, w: int) -> None:
+        """Key ``run`` under ``parent`` (``w``: bytes per block). A run already at that node
+        has the same tokens after the same parent but another hash (an engine that hashes
+        differently since a restart): the newest wins."""
+        key = parent ^ xxhash.xxh3_64_intdigest(
+            run.raw[run.start * w : (run.start + 1) * w], self.secret
+        )
+        old = self._runs.get(key)
+        if old is not None:
+            self._unlink(old)
+        self._runs[key] = run
+        hs = run.hashes
+        self._where.update(
+            dict.fromkeys(hs if run.end - run.start == len(hs) else hs[run.start : run.end], run)
+        )
+
+    def _unlink(self, run: _Run) -> None:
+        """Forget the blocks of a run that is no longer keyed."""
+        where = self._where
+        for h in run.hashes[run.start : run.end]:
+            if where.get(h) is run:
+                del where[h]
+
+    def _sweep(self) -> None:
+        """Drop the runs nobody holds a block of (their blocks would be found only once
+        stored again, which adds them anew). The tree at most doubles between sweeps, so a
+        sweep costs O(1) per block added."""
+        media = list(self._masks.values())
+        dead = [
+            key
+            for key, run in self._runs.items()
+            if not any(not m.keys().isdisjoint(run.hashes[run.start : run.end]) for m in media)
+        ]
+        for key in dead:
+            self._unlink(self._runs.pop(key))
+        self._kept = len(self._where)
 
     def _root(self, group: Any, block_size: int, extra: Any) -> int:
         """The tree's parent key of a block 0: one per hash group, block size and block-0
@@ -347,31 +411,40 @@ class ResidencyIndex(Residency):
         ident = repr(("root", group, block_size, _freeze(extra))).encode()
         return xxhash.xxh3_64_intdigest(ident, self.secret)
 
-    def _prune(self, h: int) -> None:
-        """Drop ``h`` from the tree once no engine holds it in any medium."""
-        for masks in self._masks.values():
-            if h in masks:
-                return
-        key = self._tree_key.pop(h, None)
-        if key is not None and self._tree.get(key) == h:
-            del self._tree[key]
-
     def tree_keys(
-        self, group: Any, block_size: int, root_extra: Any, content_keys: Iterable[int]
+        self, group: Any, block_size: int, root_extra: Any, tokens: Sequence[int]
     ) -> list[int]:
-        """Hashes of the leading blocks some engine of ``group`` stored, found by walking the
-        tree with the prompt's (keyed) content keys: no sha256. ``root_extra`` is block 0's
-        untagged event extra keys (e.g. ``[lora_name, cache_salt]``) or None."""
+        """Hashes of the leading blocks of ``tokens`` that some engine of ``group`` stored and
+        some engine still holds: a walk over the block tree's runs (one XXH3 per run entered,
+        the run's other blocks compared as bytes), stopping at the first block nobody holds.
+        ``root_extra`` is block 0's untagged event extra keys (e.g. ``[lora_name,
+        cache_salt]``) or None."""
         out: list[int] = []
+        nb = len(tokens) // block_size
+        w = block_size * 4
+        prompt = _PromptBytes(tokens, block_size)
         with self._lock:
-            tree = self._tree
+            runs, secret, media = self._runs, self.secret, list(self._masks.values())
             parent = self._root(group, block_size, root_extra)
-            for ck in content_keys:
-                h = tree.get(parent ^ ck)
-                if h is None:
+            i = 0
+            while i < nb:
+                block = prompt.upto(i + 1)[i * w : (i + 1) * w]
+                run = runs.get(parent ^ xxhash.xxh3_64_intdigest(block, secret))
+                if run is None:
                     break
-                out.append(h)
-                parent = h
+                hs, st = run.hashes, run.start
+                m = min(run.end - st, nb - i)
+                mine = prompt.upto(i + m)[i * w : (i + m) * w]
+                j = _common_blocks(mine, run.raw[st * w : (st + m) * w], w)
+                if j == 0:
+                    break  # a keyed-hash collision: not this prompt's block
+                seg = hs[st : st + j]
+                k = _held_prefix(seg, media)
+                out += seg[:k]
+                if k < j:
+                    break
+                i += j
+                parent = seg[-1]
         return out
 
     def _drop_spec(self, e: EngineResidency, hashes: Iterable[int]) -> None:
@@ -390,6 +463,7 @@ class ResidencyIndex(Residency):
                     masks.pop(h, None)
 
     def _remove(self, e: EngineResidency, medium: str, hashes: Sequence[int | bytes]) -> None:
+        # the block tree keeps the run (a walk checks the masks; ``_sweep`` reclaims it)
         self._drop_spec(e, (h if type(h) is int else to_u64(h) for h in hashes))
         counts = e.counts.get(medium)
         if not counts:
@@ -410,7 +484,6 @@ class ResidencyIndex(Residency):
                 masks[h] = m
             else:
                 masks.pop(h, None)
-                self._prune(h)
         self.blocks_applied += len(hashes)
         self._forget_medium(medium)
 
@@ -424,7 +497,6 @@ class ResidencyIndex(Residency):
                     masks[h] = m
                 else:
                     masks.pop(h, None)
-                    self._prune(h)
             counts.clear()
             self._forget_medium(medium)
 
@@ -594,3 +666,57 @@ def _freeze(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return tuple(_freeze(i) for i in x)
     return x
+
+
+class _Run(NamedTuple):
+    """Blocks ``start..end`` of one stored event, as the block tree keeps them."""
+
+    hashes: list[int]  # the event's block hashes (u64)
+    raw: bytes  # the event's token ids, uint32 little-endian, block after block
+    start: int  # the run's first block within the event
+    end: int  # one past its last
+
+
+class _PromptBytes:
+    """A prompt's token ids as uint32 bytes, converted as far as a walk reads them (doubling
+    chunks: a walk that stops early converts little)."""
+
+    def __init__(self, tokens: Sequence[int], block_size: int) -> None:
+        self._tokens, self._bs = tokens, block_size
+        self._raw = b""
+        self._blocks = 0
+
+    def upto(self, k: int) -> bytes:
+        """The bytes of blocks ``[0, k)`` at least."""
+        if k > self._blocks:
+            k = max(k, 2 * self._blocks, 16)
+            bs = self._bs
+            self._raw += array("I", self._tokens[self._blocks * bs : k * bs]).tobytes()
+            self._blocks = k
+        return self._raw
+
+
+def _common_blocks(a: bytes, b: bytes, w: int) -> int:
+    """How many leading ``w``-byte blocks ``a`` and ``b`` (of equal length) share."""
+    if a == b:
+        return len(a) // w
+    lo, hi = 0, len(a) // w  # a[:lo] matches, a[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[: mid * w] == b[: mid * w]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _held_prefix(hashes: list[int], media: list[dict[int, int]]) -> int:
+    """How many leading ``hashes`` some medium holds."""
+    if len(media) == 1:
+        return len(list(takewhile(media[0].__contains__, hashes)))
+    k = 0
+    for h in hashes:
+        if not any(h in m for m in media):
+            break
+        k += 1
+    return k

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,15 +121,6 @@ class _LazyKeys:
     @property
     def content_keys(self) -> list[int]:
         return self._ck_upto(self.num_blocks)
-
-    def iter_content_keys(self) -> Iterator[int]:
-        """The block keys in order, computed in doubling chunks as they are consumed."""
-        i, step = 0, 32
-        while i < self.num_blocks:
-            cks = self._ck_upto(i + step)
-            yield from cks[i : i + step]
-            i += step
-            step *= 2
 
     def upto(self, k: int) -> list[int]:
         """Keys of blocks ``[0, k)`` (the returned list may be longer; slice it)."""
@@ -377,7 +368,7 @@ class Router:
             by_group.setdefault(self._group(m), []).append(m)
         for group, ms in by_group.items():
             walk = self.residency.walk(ms, now=now)
-            known = self.residency.tree_keys(group, bs, root_extra, seq.iter_content_keys())
+            known = self.residency.tree_keys(group, bs, root_extra, seq.toks)
             if known:
                 walk.extend(known)
                 seq.tree_keys = known

@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,11 +380,11 @@ class SharedResidency(Residency):
         return self.local.walk(engines, now=now)
 
     def tree_keys(
-        self, group: Any, block_size: int, root_extra: Any, content_keys: Iterable[int]
+        self, group: Any, block_size: int, root_extra: Any, tokens: Sequence[int]
     ) -> list[int]:
         if self._degraded:
             return []
-        return self.local.tree_keys(group, block_size, root_extra, content_keys)
+        return self.local.tree_keys(group, block_size, root_extra, tokens)
 
     def stats(self) -> dict[str, object]:
         self.refresh()
