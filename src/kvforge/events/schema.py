@@ -23,15 +23,29 @@ HashValue = int | bytes
 # (a separate pass over the ids cost a tenth of ingestion).
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=_U32)]
 
+# Bounds on one batch, checked before anything is applied. vLLM publishes a batch per engine
+# step: a few thousand blocks at most even for a long prefill (a 128k-token prompt is 8k blocks).
+MAX_EVENTS_PER_BATCH = 65_536
+MAX_HASHES_PER_BATCH = 262_144
+MAX_TOKENS_PER_EVENT = 4_194_304
+MAX_BLOCK_SIZE = 4_096
+MAX_NAME = 256  # medium, LoRA name and other strings
+
+# What the decoder checks in C as it builds the event (``validate_batch`` checks the same for a
+# batch built in Python).
+BlockSize = Annotated[int, msgspec.Meta(gt=0, le=MAX_BLOCK_SIZE)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
+TokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_TOKENS_PER_EVENT)]
+
 
 class BlockStored(msgspec.Struct, tag=True, omit_defaults=True):
     block_hashes: list[HashValue]
     parent_block_hash: HashValue | None = None
-    token_ids: list[TokenId] = []
-    block_size: int = 16
+    token_ids: TokenIds = []
+    block_size: BlockSize = 16
     lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
+    medium: Name | None = None
+    lora_name: Name | None = None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
     kv_cache_spec_kind: str | None = None
@@ -44,7 +58,7 @@ class BlockStored(msgspec.Struct, tag=True, omit_defaults=True):
 
 class BlockRemoved(msgspec.Struct, tag=True, omit_defaults=True):
     block_hashes: list[HashValue]
-    medium: str | None = None
+    medium: Name | None = None
     group_idx: int | None = None
     locality: str | None = None
     ownership: str | None = None
@@ -59,7 +73,7 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 class KVEventBatch(msgspec.Struct, array_like=True):
     ts: float
-    events: list[KVEvent]
+    events: Annotated[list[KVEvent], msgspec.Meta(max_length=MAX_EVENTS_PER_BATCH)]
     data_parallel_rank: int | None = None
 
 
@@ -67,18 +81,18 @@ class KVEventBatch(msgspec.Struct, array_like=True):
 class _PosBlockStored(msgspec.Struct, tag="BlockStored", array_like=True):
     block_hashes: list[HashValue]
     parent_block_hash: HashValue | None = None
-    token_ids: list[TokenId] = []
-    block_size: int = 16
+    token_ids: TokenIds = []
+    block_size: BlockSize = 16
     lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
+    medium: Name | None = None
+    lora_name: Name | None = None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
 
 
 class _PosBlockRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True):
     block_hashes: list[HashValue]
-    medium: str | None = None
+    medium: Name | None = None
 
 
 class _PosAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True):
@@ -87,7 +101,10 @@ class _PosAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=Tr
 
 class _PosBatch(msgspec.Struct, array_like=True):
     ts: float
-    events: list[_PosBlockStored | _PosBlockRemoved | _PosAllBlocksCleared]
+    events: Annotated[
+        list[_PosBlockStored | _PosBlockRemoved | _PosAllBlocksCleared],
+        msgspec.Meta(max_length=MAX_EVENTS_PER_BATCH),
+    ]
     data_parallel_rank: int | None = None
 
 
@@ -193,13 +210,6 @@ def to_u64(h: HashValue) -> int:
     raise MalformedEventError(f"bad block hash {h!r}")
 
 
-# Bounds on one batch, checked before anything is applied. vLLM publishes a batch per engine
-# step: a few thousand blocks at most even for a long prefill (a 128k-token prompt is 8k blocks).
-MAX_EVENTS_PER_BATCH = 65_536
-MAX_HASHES_PER_BATCH = 262_144
-MAX_TOKENS_PER_EVENT = 4_194_304
-MAX_BLOCK_SIZE = 4_096
-MAX_NAME = 256  # medium, LoRA name and other strings
 _SCALARS = (str, int, float, bytes, bool, type(None))
 
 
@@ -222,21 +232,11 @@ def _check_ids(ids: list[int], what: str) -> None:
 def validate_batch(batch: KVEventBatch) -> KVEventBatch:
     """Check a whole batch against what an engine can send; raises MalformedEventError before
     anything is applied, so a batch is applied whole or not at all."""
-    return _validate(batch, ids_checked=False)
-
-
-def _validate(batch: KVEventBatch, *, ids_checked: bool) -> KVEventBatch:
-    """``validate_batch``; ``ids_checked``: the decoder has already held every token id to
-    uint32 (``TokenId``), which a batch built in Python has not."""
     if len(batch.events) > MAX_EVENTS_PER_BATCH:
         raise MalformedEventError(f"batch of {len(batch.events):,} events")
-    total = 0
     for ev in batch.events:
         if isinstance(ev, AllBlocksCleared):
             continue
-        total += len(ev.block_hashes)
-        if total > MAX_HASHES_PER_BATCH:
-            raise MalformedEventError(f"batch of over {MAX_HASHES_PER_BATCH:,} block hashes")
         if ev.medium is not None and len(ev.medium) > MAX_NAME:
             raise MalformedEventError("medium name too long")
         if isinstance(ev, BlockStored):
@@ -244,20 +244,33 @@ def _validate(batch: KVEventBatch, *, ids_checked: bool) -> KVEventBatch:
                 raise MalformedEventError(f"block_size {ev.block_size}")
             if len(ev.token_ids) > MAX_TOKENS_PER_EVENT:
                 raise MalformedEventError("too many token ids in one event")
-            if not ids_checked:
-                _check_ids(ev.token_ids, "token_ids")
-                for ids in ev.lookahead_token_ids or ():
-                    _check_ids(ids, "lookahead_token_ids")
+            _check_ids(ev.token_ids, "token_ids")
+            for ids in ev.lookahead_token_ids or ():
+                _check_ids(ids, "lookahead_token_ids")
             if ev.lora_name is not None and len(ev.lora_name) > MAX_NAME:
                 raise MalformedEventError("lora_name too long")
+    return _check_decoded(batch)
+
+
+def _check_decoded(batch: KVEventBatch) -> KVEventBatch:
+    """What the decoder cannot check (``validate_batch`` checks the rest for a batch built in
+    Python): the hashes in one batch, and extra keys the block tree can hash."""
+    total = 0
+    for ev in batch.events:
+        if type(ev) is BlockStored:
+            total += len(ev.block_hashes)
             if ev.extra_keys is not None and not _hashable(ev.extra_keys):
                 raise MalformedEventError("extra_keys must be scalars or lists of them")
+        elif type(ev) is BlockRemoved:
+            total += len(ev.block_hashes)
+    if total > MAX_HASHES_PER_BATCH:
+        raise MalformedEventError(f"batch of over {MAX_HASHES_PER_BATCH:,} block hashes")
     return batch
 
 
 def parse_batch(payload: bytes) -> KVEventBatch:
     """Decode, normalise and validate one payload (what a subscriber applies)."""
-    return _validate(normalize_hashes(decode_batch(payload)), ids_checked=True)
+    return _check_decoded(normalize_hashes(decode_batch(payload)))
 
 
 def _all_u64(hs: list[HashValue]) -> bool:
@@ -273,11 +286,14 @@ def normalize_hashes(batch: KVEventBatch) -> KVEventBatch:
     """Turn every block hash into its u64 form, in place; raises MalformedEventError before
     anything is applied when one is unusable."""
     for ev in batch.events:
-        if isinstance(ev, BlockStored | BlockRemoved):
-            hs = ev.block_hashes
-            # the common case (u64 from msgspec) needs no conversion: one C pass tells
-            if hs and not _all_u64(hs):
-                ev.block_hashes = [to_u64(h) for h in hs]
-        if isinstance(ev, BlockStored) and ev.parent_block_hash is not None:
-            ev.parent_block_hash = to_u64(ev.parent_block_hash)
+        if isinstance(ev, AllBlocksCleared):
+            continue
+        hs = ev.block_hashes
+        # the common case (u64 from msgspec) needs no conversion: one C pass tells
+        if hs and not _all_u64(hs):
+            ev.block_hashes = [to_u64(h) for h in hs]
+        if type(ev) is BlockStored:
+            p = ev.parent_block_hash
+            if p is not None and (type(p) is not int or not 0 <= p <= _U64):
+                ev.parent_block_hash = to_u64(p)
     return batch
