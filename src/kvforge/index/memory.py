@@ -17,6 +17,7 @@ import threading
 from bisect import bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -64,8 +65,6 @@ class _Tenant:
         self.owners = OwnerTable()
         self.near = NearTables()
         self.anchors = SpanAnchors(block_size, budget or SpanBudget())
-        self.version = 0  # bumped by every write; invalidates ``_owner_cache``
-        self._owner_cache: dict[int, tuple[int, set[int], list[tuple[str, int]]]] = {}
 
     # ---- helpers ------------------------------------------------------------------------
     def owners_of(self, b: int) -> set[int] | tuple[int, ...]:
@@ -187,8 +186,6 @@ class _Tenant:
             raise HashCollisionError("a chain key collides with a stored block of another prefix")
 
     def put(self, oid: int, seq: BlockSequence) -> tuple[int, int]:
-        self.version += 1
-        self._owner_cache.clear()
         n = seq.num_blocks
         cs, bl = self.contents, self.blocks
         # contents: one row per distinct token tuple
@@ -234,21 +231,29 @@ class _Tenant:
         """The chain blocks whose parent is ``b`` (a block id, or a root marker < 0)."""
         return self.blocks.children_of(b)
 
-    def _leaving_along(self, chain: list[int], points: list[int]) -> list[list[int]]:
-        """Per change point ``i`` of the chain: ids of the owners through ``chain[i]`` that do
-        not continue into ``chain[i + 1]`` (their prompt ends there, or goes into another
-        child). The children of all points are gathered in C (``list.extend``) and classified
-        in one vectorized pass: O(points) Python steps plus O(owners) in numpy."""
+    def _leaving_along(self, chain: list[int], points: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The owners through ``chain[i]`` that do not continue into ``chain[i + 1]`` (their
+        prompt ends there, or goes into another child), for every change point ``i``, as two
+        flat arrays: owner ids and the index in ``points`` of where each leaves. The children
+        of all points are gathered in C (``list.extend``) and classified in one vectorized
+        pass: O(points) Python steps plus O(owners) in numpy."""
         bl = self.blocks
         ends, more, bo = bl.ends, bl.children.rest, bl.owners.rest
-        out: list[list[int]] = []
+        e_own: list[int] = []  # owners whose prompt ends at a point
+        e_pt: list[int] = []
         kids: list[int] = []
         counts: list[int] = []
         firsts = bl.children.first[[chain[i] for i in points]].tolist() if points else []
-        for i, first in zip(points, firsts, strict=True):
+        for k, (i, first) in enumerate(zip(points, firsts, strict=True)):
             b = chain[i]
             got = ends.get(b)
-            out.append([] if got is None else [got] if isinstance(got, int) else list(got))
+            if got is not None:
+                if isinstance(got, int):
+                    e_own.append(got)
+                    e_pt.append(k)
+                else:
+                    e_own += got
+                    e_pt += [k] * len(got)
             n0 = len(kids)
             if first >= 0:
                 m = more.get(b)
@@ -257,25 +262,23 @@ class _Tenant:
                 else:
                     kids.extend(m)
             counts.append(len(kids) - n0)
-        if not kids:
-            return out
-        k_arr = np.asarray(kids, dtype=np.int64)
-        point = np.repeat(np.arange(len(points)), counts)
-        stay = np.asarray([chain[i + 1] for i in points], dtype=np.int64)[point]
-        keep = k_arr != stay
-        single = bl.owners.count[k_arr] == 1
-        sel = keep & single
-        sp = point[sel]  # grouped by point: kids were gathered in point order
-        owners = bl.owners.first[k_arr[sel]].tolist()
-        bounds = np.searchsorted(sp, np.arange(len(points) + 1)).tolist()
-        for k in range(len(points)):
-            lo, hi = bounds[k], bounds[k + 1]
-            if hi > lo:
-                out[k] += owners[lo:hi]
-        shared = keep & ~single  # children several owners go through (rare here)
-        for c, k in zip(k_arr[shared].tolist(), point[shared].tolist(), strict=True):
-            out[k] += bo[c]
-        return out
+        owners = [np.asarray(e_own, dtype=np.int64)]
+        where = [np.asarray(e_pt, dtype=np.int64)]
+        if kids:
+            k_arr = np.asarray(kids, dtype=np.int64)
+            point = np.repeat(np.arange(len(points)), counts)
+            stay = np.asarray([chain[i + 1] for i in points], dtype=np.int64)[point]
+            keep = k_arr != stay
+            single = bl.owners.count[k_arr] == 1
+            sel = keep & single
+            owners.append(bl.owners.first[k_arr[sel]].astype(np.int64))
+            where.append(point[sel])
+            shared = keep & ~single  # children several owners go through (rare here)
+            for c, k in zip(k_arr[shared].tolist(), point[shared].tolist(), strict=True):
+                got_c = list(bo[c])
+                owners.append(np.asarray(got_c, dtype=np.int64))
+                where.append(np.full(len(got_c), k, dtype=np.int64))
+        return np.concatenate(owners), np.concatenate(where)
 
     def leaving(self, b: int, stay: int) -> tuple[list[int], list[int]]:
         """Owners through block ``b`` that do not continue into its child ``stay``: those whose
@@ -285,8 +288,6 @@ class _Tenant:
         return ends, kids
 
     def remove(self, oid: int) -> int:
-        self.version += 1
-        self._owner_cache.clear()
         bl, cs = self.blocks, self.contents
         bids = self.owners.blocks.pop(oid)
         if bids.size:
@@ -311,19 +312,6 @@ class _Tenant:
                 cs.delete(d)
             bl.free(freed)
         return int(bids.size)
-
-    def _sorted_owners(self, b: int) -> tuple[set[int], list[tuple[str, int]]]:
-        """Owner ids of block ``b`` and (name, id) pairs sorted by name. Cached for widely
-        shared blocks (a system prompt held by thousands of agents) until the next write."""
-        hit = self._owner_cache.get(b)
-        if hit is not None and hit[0] == self.version:
-            return hit[1], hit[2]
-        cur = set(self.owners_of(b))
-        names = self.owners.name
-        by_name = sorted((names[o], o) for o in cur)
-        if len(cur) >= 32:
-            self._owner_cache[b] = (self.version, cur, by_name)
-        return cur, by_name
 
     def closest_owner(self, first_block: np.ndarray, exclude: str | None) -> str | None:
         """The owner whose block 0 shares the longest token prefix with ``first_block``; ties
@@ -373,28 +361,27 @@ class _Tenant:
             # Owner sets shrink along the chain and change only where the owner count changes.
             # The owners whose prefix stops at block i are those of block i that do not go on
             # into block i+1: found through the tree's children and ends, so each owner costs
-            # O(1) once, however many change points there are. Walking the change points from
-            # the deepest one, ``order`` comes out sorted by decreasing depth (names sorted
-            # within).
+            # O(1) once, however many change points there are; ``order`` is sorted by
+            # decreasing depth, names sorted within, in one numpy sort of the owners' ids.
             nown = self.blocks.owners.count[chain_b]
             cps = [*np.flatnonzero(nown[:-1] != nown[1:]).tolist(), deep - 1]
-            names = self.owners.name
-            order: list[str] = []
-            neg_depths: list[int] = []  # ascending, for bisect
             chain_l = chain_b.tolist()
-            leaving = self._leaving_along(chain_l, cps[:-1])
-            for k in range(len(cps) - 1, -1, -1):
-                i = cps[k]
-                if i == deep - 1:
-                    fresh = [n for n, _ in self._sorted_owners(chain_l[i])[1]]
-                else:
-                    fresh = sorted(map(names.__getitem__, leaving[k]))
-                if exclude is not None:
-                    fresh = [n for n in fresh if not is_excluded(n, exclude)]
-                if fresh:
-                    depth.update(dict.fromkeys(fresh, i + 1))
-                    order += fresh
-                    neg_depths += [-(i + 1)] * len(fresh)
+            oids, pts = self._leaving_along(chain_l, cps[:-1])
+            last = list(self.owners_of(chain_l[deep - 1]))  # through the deepest block
+            oids = np.concatenate([oids, np.asarray(last, dtype=np.int64)])
+            ends = np.asarray(cps, dtype=np.int64)[pts] + 1
+            ends = np.concatenate([ends, np.full(len(last), deep, dtype=np.int64)])
+            # by decreasing depth, names sorted within (their ranks: no string compares)
+            by = np.lexsort((self.owners.rank[oids], -ends))
+            names = self.owners.name
+            order = list(map(names.__getitem__, oids[by].tolist()))
+            ends_l = ends[by].tolist()
+            if exclude is not None:
+                kept = [not is_excluded(n, exclude) for n in order]
+                order = list(compress(order, kept))
+                ends_l = list(compress(ends_l, kept))
+            depth = dict(zip(order, ends_l, strict=True))
+            neg_depths = [-d for d in ends_l]  # ascending, for bisect
             # Runs of identical owner sets: the owners of blocks [.., end) are those whose depth
             # is >= end, i.e. a prefix of ``order``.
             start = 0

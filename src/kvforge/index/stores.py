@@ -15,6 +15,7 @@ for sparse keys in a dict. Ids are dense int32; freed ids are reused (:class:`Id
 from __future__ import annotations
 
 import sys
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -335,8 +336,10 @@ class ContentStore:
 class OwnerTable:
     """Names <-> dense ids, and per owner its chain blocks in order and what it indexed.
 
-    Invariant: ``blocks[o]`` is a root-to-node path of :class:`ChainBlocks` (block ``i`` at
-    depth ``i``)."""
+    Invariants: ``blocks[o]`` is a root-to-node path of :class:`ChainBlocks` (block ``i`` at
+    depth ``i``); ``rank[o]`` is the position of ``o``'s name among the live owners' names in
+    sorted order (-1 for a free id), so a query orders owners by name with one numpy sort of
+    their ids instead of comparing strings (a write pays O(owners) in numpy to keep it)."""
 
     def __init__(self) -> None:
         self.id: dict[str, int] = {}
@@ -344,6 +347,8 @@ class OwnerTable:
         self.ids = IdPool()
         self.blocks: dict[int, np.ndarray] = {}
         self.info: dict[int, OwnerInfo] = {}
+        self.rank = np.full(64, -1, dtype=np.int32)
+        self._sorted: list[str] = []  # the live owners' names, sorted (ties: older first)
 
     def __len__(self) -> int:
         return len(self.id)
@@ -352,6 +357,15 @@ class OwnerTable:
         oid = int(self.ids.take(1)[0])
         self.id[name] = oid
         self.name[oid] = name
+        if oid >= self.rank.size:
+            grown = np.full(max(2 * self.rank.size, oid + 1), -1, dtype=np.int32)
+            grown[: self.rank.size] = self.rank
+            self.rank = grown
+        pos = bisect_right(self._sorted, name)
+        self._sorted.insert(pos, name)
+        r = self.rank
+        r[r >= pos] += 1
+        r[oid] = pos
         return oid
 
     def forget(self, oid: int) -> None:
@@ -361,6 +375,11 @@ class OwnerTable:
             del self.id[name]
         self.info.pop(oid, None)
         self.blocks.pop(oid, None)
+        r = self.rank
+        pos = int(r[oid])
+        del self._sorted[pos]
+        r[oid] = -1
+        r[r > pos] -= 1
         self.ids.give(np.asarray([oid], dtype=np.int32))
 
     def nbytes(self) -> int:
