@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvforge.index.stores import ArrayMultiMap, mm_add, mm_discard, mm_values
+from kvforge.index.stores import ArrayMultiMap, OwnerTable, mm_add, mm_discard, mm_values
 
 KEYS, VALS = 6, 5
 ops = st.lists(
@@ -68,3 +68,25 @@ def test_the_dict_form_is_a_dict_of_sets(script: list[tuple[bool, int, int]]) ->
             assert set(mm_values(d.get(k))) == model.get(k, set())
             assert (k in d) == bool(model.get(k))
             assert isinstance(d.get(k), int) == (len(model.get(k, ())) == 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.text(max_size=3)), max_size=120))
+def test_owner_ranks_sort_the_live_names(script: list[tuple[bool, str]]) -> None:
+    """``rank`` orders the live owners exactly as sorting their names would, through adds
+    and forgets (ids are reused), so a query can sort owners by rank instead of by name."""
+    t = OwnerTable()
+    live: dict[int, str] = {}
+    for add, name in script:
+        if add or not live:
+            live[t.add(name)] = name
+        else:
+            oid = sorted(live)[len(name) % len(live)]
+            t.forget(oid)
+            del live[oid]
+        ids = list(live)
+        ranks = t.rank[ids].tolist()
+        assert sorted(ranks) == list(range(len(ids)))  # a permutation of 0..n-1
+        by_rank = [live[o] for _, o in sorted(zip(ranks, ids, strict=True))]
+        assert by_rank == sorted(live.values())
+        assert all(r == -1 for o, r in enumerate(t.rank.tolist()) if o not in live)
