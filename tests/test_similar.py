@@ -165,6 +165,26 @@ def test_winnowing_guarantee() -> None:
         assert hx & hy
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=300))
+def test_winnowing_selects_the_rightmost_minimum_of_every_window(tokens: list[int]) -> None:
+    """Against a brute force over every window, on low-entropy inputs (repeated k-grams tie):
+    the distinct positions, in order."""
+    from kvforge.index.anchors import ANCHOR_K, ANCHOR_W, kgram_hashes
+
+    t = np.asarray(tokens, dtype=np.uint32)
+    h = kgram_hashes(t, ANCHOR_K).tolist()
+    want: list[int] = []
+    for i in range(max(len(h) - ANCHOR_W + 1, 1 if h else 0)):
+        win = h[i : i + ANCHOR_W]
+        p = i + max(j for j, v in enumerate(win) if v == min(win))
+        if not want or want[-1] != p:
+            want.append(p)
+    pos, hashes = winnow(t)
+    assert pos.tolist() == sorted(set(want))
+    assert hashes.tolist() == [h[p] for p in pos.tolist()]
+
+
 def _brute_near(q: np.ndarray, rows: np.ndarray, r: int) -> int | None:
     d = (rows != q).sum(axis=1)
     d = d[(d > 0) & (d <= r)]

@@ -86,7 +86,13 @@ def winnow(
     if h.size <= w:
         pos = np.array([h.size - 1 - int(np.argmin(h[::-1]))])
         return pos, h[pos]
-    pos = np.unique(window_argmins(h, w))
+    # the rightmost minimum never moves left as the window slides, so the distinct
+    # positions are where it changes (no sort)
+    am = window_argmins(h, w)
+    keep = np.empty(am.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(am[1:], am[:-1], out=keep[1:])
+    pos = am[keep]
     return pos, h[pos]
 
 
