@@ -90,3 +90,5 @@ def test_owner_ranks_sort_the_live_names(script: list[tuple[bool, str]]) -> None
         by_rank = [live[o] for _, o in sorted(zip(ranks, ids, strict=True))]
         assert by_rank == sorted(live.values())
         assert all(r == -1 for o, r in enumerate(t.rank.tolist()) if o not in live)
+        assert t.ranks == len(live)
+        assert [t.names[o] for o in ids] == [live[o] for o in ids]

@@ -371,17 +371,17 @@ class _Tenant:
             oids = np.concatenate([oids, np.asarray(last, dtype=np.int64)])
             ends = np.asarray(cps, dtype=np.int64)[pts] + 1
             ends = np.concatenate([ends, np.full(len(last), deep, dtype=np.int64)])
-            # by decreasing depth, names sorted within (their ranks: no string compares)
-            by = np.lexsort((self.owners.rank[oids], -ends))
-            names = self.owners.name
-            order = list(map(names.__getitem__, oids[by].tolist()))
-            ends_l = ends[by].tolist()
+            # by decreasing depth, names sorted within: one sort of (depth, name rank) keys
+            ow = self.owners
+            by = np.argsort((deep - ends) * ow.ranks + ow.rank[oids])
+            order = ow.names[oids[by]].tolist()
+            ends_by = ends[by]
             if exclude is not None:
-                kept = [not is_excluded(n, exclude) for n in order]
-                order = list(compress(order, kept))
-                ends_l = list(compress(ends_l, kept))
-            depth = dict(zip(order, ends_l, strict=True))
-            neg_depths = [-d for d in ends_l]  # ascending, for bisect
+                kept = np.asarray([not is_excluded(n, exclude) for n in order], dtype=bool)
+                order = list(compress(order, kept.tolist()))
+                ends_by = ends_by[kept]
+            depth = dict(zip(order, ends_by.tolist(), strict=True))
+            neg_depths = (-ends_by).tolist()  # ascending, for bisect
             # Runs of identical owner sets: the owners of blocks [.., end) are those whose depth
             # is >= end, i.e. a prefix of ``order``.
             start = 0

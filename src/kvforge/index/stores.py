@@ -348,19 +348,30 @@ class OwnerTable:
         self.blocks: dict[int, np.ndarray] = {}
         self.info: dict[int, OwnerInfo] = {}
         self.rank = np.full(64, -1, dtype=np.int32)
+        self.names = np.full(64, None, dtype=object)  # ``name`` as an array (bulk lookups)
         self._sorted: list[str] = []  # the live owners' names, sorted (ties: older first)
 
     def __len__(self) -> int:
         return len(self.id)
+
+    @property
+    def ranks(self) -> int:
+        """How many ranks are taken (``rank`` values are ``0 .. ranks - 1``)."""
+        return len(self._sorted)
 
     def add(self, name: str) -> int:
         oid = int(self.ids.take(1)[0])
         self.id[name] = oid
         self.name[oid] = name
         if oid >= self.rank.size:
-            grown = np.full(max(2 * self.rank.size, oid + 1), -1, dtype=np.int32)
+            size = max(2 * self.rank.size, oid + 1)
+            grown = np.full(size, -1, dtype=np.int32)
             grown[: self.rank.size] = self.rank
             self.rank = grown
+            names = np.full(size, None, dtype=object)
+            names[: self.names.size] = self.names
+            self.names = names
+        self.names[oid] = name
         pos = bisect_right(self._sorted, name)
         self._sorted.insert(pos, name)
         r = self.rank
@@ -380,6 +391,7 @@ class OwnerTable:
         del self._sorted[pos]
         r[oid] = -1
         r[r > pos] -= 1
+        self.names[oid] = None
         self.ids.give(np.asarray([oid], dtype=np.int32))
 
     def nbytes(self) -> int:
